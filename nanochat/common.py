@@ -64,6 +64,10 @@ def atomic_write(path, mode="wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file owner-only; give it the permissions a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
         # fsync the directory so the rename itself survives a power loss
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -75,3 +79,135 @@ def atomic_write(path, mode="wb"):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# -------------------------------------------------------------------------------------------------
+# devices, dtypes and the distributed process group
+
+
+def autodetect_device_type():
+    """cuda if present, else mps, else cpu: the same scripts run everywhere."""
+    import torch
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def is_ddp():
+    """True when launched by torchrun (it sets RANK/WORLD_SIZE/LOCAL_RANK for every process)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def compute_init(device_type=None):
+    """
+    Seed, pick the device, and join the process group when run under torchrun (NCCL on GPUs, gloo on
+    CPU; multi-node works through torchrun's own --nnodes/--rdzv flags). Returns
+    (ddp, rank, local_rank, world_size, device).
+    """
+    import torch
+    import torch.distributed as dist
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type cuda was asked for but torch sees no CUDA device")
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # the new-style TF32 switch
+    ddp = is_ddp()
+    rank, local_rank, world_size = get_rank(), int(os.environ.get("LOCAL_RANK", "0")), get_world_size()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if ddp and world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        dist.barrier()
+    return ddp and world_size > 1, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast_ctx(device_type, dtype):
+    """
+    Mixed precision by autocast: weights, gradients and optimizer state stay fp32 (the master copy);
+    matmuls run in `dtype` (bf16) at use. fp32 is a no-op context.
+    """
+    import torch
+    from contextlib import nullcontext
+    if dtype == torch.float32 or device_type == "mps":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def parse_dtype(name, device_type):
+    """--dtype: 'auto' = bf16 on CUDA (and on CPUs, whose bf16 matmuls are faster here), else fp32."""
+    import torch
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name == "auto":
+        return torch.bfloat16 if device_type in ("cuda", "cpu") else torch.float32
+    if name not in names:
+        raise ValueError(f"--dtype must be one of auto, {', '.join(names)}; got {name!r}")
+    return names[name]
+
+
+class DummyWandb:
+    """Stands in for a wandb run when no --run name is given: logging goes nowhere."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def get_git_commit():
+    """The checkout's commit (with '-dirty' if it has local changes), or None outside a git repo."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("-dirty" if dirty else "")) or None
+
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, no sparsity).
+GPU_BF16_PEAK = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "a10": 125e12,
+                 "rtx 4090": 165e12, "rtx 3090": 71e12}
+
+
+def gpu_peak_flops(name):
+    """The bf16 peak of a GPU named like torch.cuda.get_device_name() (or 'h100'), None if unknown."""
+    lowered = name.lower()
+    for key, flops in GPU_BF16_PEAK.items():
+        if key in lowered:
+            return flops
+    return None
+
+
+def measure_matmul_peak(device, dtype, n=2048, reps=5):
+    """Measured FLOP/s of an n x n matmul in `dtype` on `device`: the ceiling MFU is reported against on CPUs."""
+    import time
+    import torch
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first run warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best

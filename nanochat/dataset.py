@@ -1,0 +1,580 @@
+"""
+Pretraining shards: their names, where they live, how to get them and how to read them.
+
+A shard is a parquet file with one string column `text`, one document per row, named
+shard_NNNNN.parquet, in $NANOCHAT_BASE_DIR/base_data. Shards come from one of two places:
+
+    python -m nanochat.dataset -n 8                      download (hub, or the NANOCHAT_DATA_URL mirror)
+    python -m nanochat.dataset prepare --input PATH ...  build them from local text
+
+The split is pinned by name, never by "the last file on disk" (that moves while shards download):
+index.json in base_data says which shards are train and which are val; without it the remote
+convention holds, val = shard_01822.parquet and train = every other shard. A folder made by
+`prepare` (shards + index.json + SHA256SUMS) is itself a mirror: serve it over http or use file://.
+
+This module never tokenizes; nanochat/dataloader.py does that on top of iter_batches.
+"""
+
+import argparse
+import gzip
+import hashlib
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nanochat.common import atomic_write, get_base_dir, print0
+
+BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+MAX_SHARD = 1822  # the remote has shards 0..1822; by convention the last one is val
+VAL_SHARD = "shard_01822.parquet"
+INDEX_FILE = "index.json"
+SUMS_FILE = "SHA256SUMS"
+SHARD_RE = re.compile(r"shard_\d{5}\.parquet")
+DOC_CHARS = 4000  # plain-text files (books) are cut into documents of about this many chars
+TIMEOUT = 60  # seconds without data before a download attempt gives up
+INPUT_EXTENSIONS = (".txt", ".txt.gz", ".raw", ".jsonl", ".jsonl.gz", ".parquet")
+HOW_TO_GET_SHARDS = ("download some with `python -m nanochat.dataset -n 8` (set NANOCHAT_DATA_URL=http://... or "
+                     "file:///path to use a mirror), or build them from local text with "
+                     "`python -m nanochat.dataset prepare --input PATH`")
+
+
+def shard_name(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def base_url():
+    """Where shards are downloaded from: $NANOCHAT_DATA_URL (a mirror) or the hub."""
+    url = (os.environ.get("NANOCHAT_DATA_URL") or BASE_URL).rstrip("/")
+    if not url.startswith(("http://", "https://", "file://")):
+        raise ValueError(f"NANOCHAT_DATA_URL={url} must start with http://, https:// or file://")
+    return url
+
+
+def data_dir():
+    path = os.path.join(get_base_dir(), "base_data")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def parse_index(data, source):
+    """index.json -> {"train": [names], "val": [names]}, checked (names come from mirrors: no paths)."""
+    try:
+        index = json.loads(data)
+        index = {split: list(index[split]) for split in ("train", "val")}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{source} is not a valid index (want {{\"train\": [...], \"val\": [...]}}): {e}") from e
+    for name in index["train"] + index["val"]:
+        if not isinstance(name, str) or not SHARD_RE.fullmatch(name):
+            raise ValueError(f"{source} lists {name!r}, not a shard name like shard_00000.parquet")
+    if set(index["train"]) & set(index["val"]):
+        raise ValueError(f"{source} puts the same shard in train and val: {sorted(set(index['train']) & set(index['val']))}")
+    return index
+
+
+def list_shards(split):
+    """Absolute paths of the split's shards, in order (see the module docstring for the rule)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    directory = data_dir()
+    index_path = os.path.join(directory, INDEX_FILE)
+    if os.path.exists(index_path):
+        with open(index_path, encoding="utf-8") as f:
+            names = parse_index(f.read(), index_path)[split]
+        missing = [name for name in names if not os.path.exists(os.path.join(directory, name))]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} {split} shard(s) listed in {index_path} are missing from {directory}, "
+                f"first {missing[0]}: download them with `python -m nanochat.dataset -n N` or rebuild the "
+                f"folder with `python -m nanochat.dataset prepare --input PATH`")
+        source = index_path
+    else:
+        on_disk = sorted(name for name in os.listdir(directory) if SHARD_RE.fullmatch(name))
+        if split == "val":
+            names = [VAL_SHARD] if VAL_SHARD in on_disk else []
+        else:
+            names = [name for name in on_disk if name != VAL_SHARD]
+        source = f"{directory} (no {INDEX_FILE}: val is {VAL_SHARD}, train every other shard)"
+    if not names:
+        raise FileNotFoundError(f"no {split} shards in {source}: {HOW_TO_GET_SHARDS}")
+    return [os.path.join(directory, name) for name in names]
+
+
+# -------------------------------------------------------------------------------------------------
+# reading
+
+
+def _unreadable(path, error):
+    return RuntimeError(f"cannot read shard {path} ({error}); it is corrupt or incomplete: delete it and "
+                        f"download it again (`python -m nanochat.dataset -n N`) or re-run prepare")
+
+
+def _open_shard(path):
+    try:
+        # page checksums are verified when the writer stored them (prepare does); others read as usual
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as e:
+        raise _unreadable(path, e) from e
+    if pf.schema_arrow.get_field_index("text") < 0:
+        pf.close()
+        raise _unreadable(path, "no column 'text'")
+    return pf
+
+
+def iter_batches(split, rank=0, world_size=1, start=None, loop=False):
+    """
+    Yield (texts, position), one parquet row group per batch. Row groups are numbered g = 0, 1, ...
+    over the split's shards in order (numbering restarts each epoch); this rank takes those with
+    g % world_size == rank, so ranks are disjoint and together read everything. `position` names
+    the batch just yielded; pass it back as `start` to continue with this rank's next batch.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    paths = list_shards(split)
+    epoch, resume_at = 0, None  # resume_at: (shard, row_group) already consumed in `epoch`
+    if start is not None:
+        epoch, resume_at = start["epoch"], (start["shard"], start["row_group"])
+        if not 0 <= resume_at[0] < len(paths):
+            raise ValueError(f"resume position {start} names shard {resume_at[0]} but the {split} split has "
+                             f"{len(paths)} shards (did the shards change since it was saved?)")
+    while True:
+        g = owned = 0
+        for i, path in enumerate(paths):
+            pf = _open_shard(path)
+            try:
+                if resume_at is not None and i == resume_at[0] and resume_at[1] >= pf.num_row_groups:
+                    raise ValueError(f"resume position {start} is past the {pf.num_row_groups} row groups of {path}")
+                for j in range(pf.num_row_groups):
+                    mine, g = g % world_size == rank, g + 1
+                    owned += mine
+                    if not mine or (resume_at is not None and (i, j) <= resume_at):
+                        continue
+                    try:
+                        texts = pf.read_row_group(j, columns=["text"]).column("text").to_pylist()
+                    except (OSError, pa.ArrowException) as e:
+                        raise _unreadable(path, e) from e
+                    yield texts, {"epoch": epoch, "shard": i, "row_group": j}
+            finally:
+                pf.close()
+        if owned == 0:  # with loop=True this would spin forever; in DDP the other ranks would hang
+            raise ValueError(f"the {split} split has {g} row groups, fewer than world_size={world_size}: "
+                             f"every rank needs one (prepare with a smaller --shard-chars, or use more data)")
+        if not loop:
+            return
+        epoch, resume_at = epoch + 1, None
+
+
+def parquets_iter_batched(split, start=0, step=1):
+    """Just the texts of iter_batches, every `step`-th row group from the `start`-th (one pass)."""
+    for texts, _ in iter_batches(split, rank=start, world_size=step):
+        yield texts
+
+
+# -------------------------------------------------------------------------------------------------
+# verification and download
+
+
+class BadShard(ValueError):
+    """A downloaded file failed a check; the download is retried."""
+
+
+class NotOnMirror(Exception):
+    """404 or no such file: retrying will not help."""
+
+
+def check_shard(f, sha256=None, size=None):
+    """
+    None if the open binary file `f` is a good shard, else the reason it is not: the byte count
+    (a dropped connection), the SHA256SUMS entry, then the parquet structure, every row group read.
+    Without a checksum a flipped byte is caught only where the writer stored page CRCs (prepare does).
+    """
+    f.seek(0, os.SEEK_END)
+    if size is not None and f.tell() != size:
+        return f"got {f.tell()} bytes, the server announced {size}"
+    if sha256:
+        f.seek(0)
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+        if digest.hexdigest() != sha256:
+            return f"sha256 {digest.hexdigest()} does not match {SUMS_FILE} ({sha256})"
+    f.seek(0)
+    try:
+        pf = pq.ParquetFile(f, page_checksum_verification=True)
+        field = pf.schema_arrow.field("text") if pf.schema_arrow.get_field_index("text") >= 0 else None
+        if field is None or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            return "no string column 'text'"
+        for j in range(pf.num_row_groups):
+            pf.read_row_group(j, columns=["text"])
+    except (OSError, pa.ArrowException) as e:
+        return f"not a readable parquet file ({e})"
+    return None
+
+
+def _open_url(url):
+    try:
+        return urllib.request.urlopen(url, timeout=TIMEOUT)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise NotOnMirror(f"{url}: 404 not found") from e
+        raise
+    except urllib.error.URLError as e:  # file:// reports a missing file this way
+        if isinstance(e.reason, FileNotFoundError):
+            raise NotOnMirror(f"{url}: no such file") from e
+        raise
+
+
+def _retry(action, what, retries, backoff):
+    """action() up to `retries` times, sleeping backoff, 2*backoff, 4*backoff... between attempts."""
+    for attempt in range(1, retries + 1):
+        try:
+            return action()
+        except (OSError, http.client.HTTPException, BadShard) as e:  # URLError, resets, timeouts are OSErrors
+            last = e
+            print0(f"{what}: attempt {attempt}/{retries} failed: {e}")
+            if attempt < retries:
+                time.sleep(backoff * 2 ** (attempt - 1))
+    raise RuntimeError(f"could not download {what} after {retries} attempts; last error: {last}")
+
+
+def _fetch_small(base, name, retries, backoff):
+    """The bytes of a small optional file on the mirror (SHA256SUMS, index.json), or None if it has none."""
+    def action():
+        try:
+            with _open_url(f"{base}/{name}") as response:
+                data, size = response.read(), response.headers.get("Content-Length")
+        except NotOnMirror:
+            return None
+        if size is not None and len(data) != int(size):
+            raise BadShard(f"got {len(data)} bytes, the server announced {size}")
+        return data
+    return _retry(action, f"{base}/{name}", retries, backoff)
+
+
+def fetch_mirror_index(base, retries=5, backoff=0.5):
+    """(sha256 by shard name, index or None) from the mirror; the hub serves neither, which is fine."""
+    sums = {}
+    data = _fetch_small(base, SUMS_FILE, retries, backoff)
+    for line in (data or b"").decode("utf-8").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and re.fullmatch(r"[0-9a-f]{64}", parts[0]):
+            sums[parts[1].lstrip("*")] = parts[0]  # sha256sum marks binary mode with '*'
+    data = _fetch_small(base, INDEX_FILE, retries, backoff)
+    index = parse_index(data, f"{base}/{INDEX_FILE}") if data is not None else None
+    return sums, index
+
+
+def shards_to_download(num_train, index=None):
+    """
+    Shard indices for `-n N` (-1 = all): the first N train shards and every val shard, as the
+    mirror's index.json lists them, or without one the remote convention: 0..N-1 plus MAX_SHARD.
+    """
+    if index is None:
+        n = MAX_SHARD if num_train < 0 else min(num_train, MAX_SHARD)
+        return list(range(n)) + [MAX_SHARD]
+    train = index["train"] if num_train < 0 else index["train"][:num_train]
+    return [int(name[len("shard_"):-len(".parquet")]) for name in train + index["val"]]
+
+
+def _download_one(name, url, path, sha256, retries, backoff):
+    """Fetch one shard to `path` unless a good copy is there; returns the bytes downloaded (0 if skipped)."""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            problem = check_shard(f, sha256)
+        if problem is None:
+            return 0
+        print0(f"{name}: the copy on disk is bad ({problem}); downloading it again")
+        os.remove(path)
+
+    def attempt():
+        # "w+b": the temp file is read back for the checks before atomic_write renames it into place
+        with _open_url(url) as response, atomic_write(path, "w+b") as f:
+            shutil.copyfileobj(response, f, 1 << 20)
+            size = response.headers.get("Content-Length")
+            problem = check_shard(f, sha256, int(size) if size is not None else None)
+            if problem:
+                raise BadShard(problem)
+            return f.tell()
+    try:
+        return _retry(attempt, name, retries, backoff)
+    except NotOnMirror as e:
+        raise RuntimeError(f"shard {name} is not on the mirror: {e}") from e
+
+
+def download_shards(indices, base=None, workers=4, retries=5, backoff=0.5):
+    """
+    Download shards by index into data_dir(), `workers` at a time, each verified before it gets its
+    final name, retried with exponential back-off. Returns their paths. If the mirror serves an
+    index.json, data_dir()'s index.json is written from it, listing the shards asked for or already
+    on disk (so a shard that failed stays listed and list_shards says it is missing).
+    """
+    base = (base or base_url()).rstrip("/")
+    if not base.startswith(("http://", "https://", "file://")):
+        raise ValueError(f"base URL {base} must start with http://, https:// or file://")
+    sums, index = fetch_mirror_index(base, retries, backoff)
+    directory = data_dir()
+    names = list(dict.fromkeys(shard_name(i) for i in indices))
+    lock, done, t0 = threading.Lock(), [0], time.time()
+
+    def one(name):
+        started = time.time()
+        nbytes = _download_one(name, f"{base}/{name}", os.path.join(directory, name), sums.get(name), retries, backoff)
+        with lock:
+            done[0] += 1
+            mb, seconds = nbytes / 1e6, max(time.time() - started, 1e-6)
+            status = f"{mb:.1f} MB in {seconds:.1f}s ({mb / seconds:.1f} MB/s)" if nbytes else "already here, verified"
+            print0(f"[{done[0]}/{len(names)}] {name}: {status}")
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(one, name) for name in names]
+    errors = [str(future.exception()) for future in futures if future.exception() is not None]
+    if index is not None:
+        local = {split: [n for n in index[split] if n in names or os.path.exists(os.path.join(directory, n))]
+                 for split in ("train", "val")}
+        with atomic_write(os.path.join(directory, INDEX_FILE), "w") as f:
+            json.dump(local, f, indent=1)
+    elif os.path.exists(os.path.join(directory, INDEX_FILE)):
+        print0(f"note: {base} has no {INDEX_FILE} but {directory} has one, which decides the split; "
+               f"delete it to use the remote convention (val = {VAL_SHARD})")
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(names)} shards failed: " + "; ".join(errors))
+    print0(f"{len(names)} shards in {directory} ({time.time() - t0:.1f}s)")
+    return [os.path.join(directory, name) for name in names]
+
+
+# -------------------------------------------------------------------------------------------------
+# building shards from local text
+
+# Project Gutenberg eBooks wrap the book in a license header and footer between these lines
+GUTENBERG_START = re.compile(r"^\*\*\* ?START OF.*$", re.M | re.I)
+GUTENBERG_END = re.compile(r"^\*\*\* ?END OF", re.M | re.I)
+
+
+def split_text(text, doc_chars=DOC_CHARS):
+    """
+    Documents of a plain-text file: the Gutenberg header/footer dropped when the markers are there,
+    paragraphs (separated by blank lines) packed in order into documents of at most ~doc_chars, so a
+    book becomes readable chunks rather than one huge document or thousands of one-line ones. A
+    paragraph longer than doc_chars stays whole.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if start := GUTENBERG_START.search(text):
+        text = text[start.end():]
+    if end := GUTENBERG_END.search(text):
+        text = text[:end.start()]
+    doc, size = [], 0
+    for paragraph in re.split(r"\n\s*\n", text):
+        paragraph = paragraph.strip()
+        if not paragraph:
+            continue
+        if doc and size + 2 + len(paragraph) > doc_chars:
+            yield "\n\n".join(doc)
+            doc, size = [], 0
+        size += len(paragraph) + (2 if doc else 0)
+        doc.append(paragraph)
+    if doc:
+        yield "\n\n".join(doc)
+
+
+def _read_bytes(path):
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        return f.read()
+
+
+def read_documents(path):
+    """The non-empty documents of one input file, in file order."""
+    lower = path.lower()
+    if lower.endswith((".jsonl", ".jsonl.gz")):
+        for lineno, line in enumerate(_read_bytes(path).decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({e!r})") from e
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: 'text' is a {type(text).__name__}, not a string")
+            if text.strip():
+                yield text
+    elif lower.endswith(".parquet"):
+        pf = pq.ParquetFile(path)
+        for j in range(pf.num_row_groups):
+            yield from (t for t in pf.read_row_group(j, columns=["text"]).column("text").to_pylist() if t and t.strip())
+    elif lower.endswith((".txt", ".txt.gz", ".raw")):
+        data = _read_bytes(path)
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:  # older Gutenberg books are Latin-1; that decoding never fails
+            print0(f"note: {path} is not UTF-8, reading it as Latin-1")
+            text = data.decode("latin-1")
+        yield from split_text(text)
+    else:
+        raise ValueError(f"{path}: cannot read this kind of file (want one of {', '.join(INPUT_EXTENSIONS)})")
+
+
+def input_files(inputs):
+    """Files named, plus those under folders named (walked recursively in sorted order)."""
+    files = []
+    for path in inputs:
+        if os.path.isdir(path):
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs.sort()  # os.walk visits subfolders in this list's order
+                found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(INPUT_EXTENSIONS)]
+            if not found:
+                raise ValueError(f"no {', '.join(INPUT_EXTENSIONS)} files under {path}")
+            files += found
+        elif os.path.isfile(path):
+            if not path.lower().endswith(INPUT_EXTENSIONS):
+                raise ValueError(f"{path}: cannot read this kind of file (want one of {', '.join(INPUT_EXTENSIONS)})")
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input {path} does not exist")
+    return files
+
+
+def encode_shard(docs):
+    """
+    The parquet bytes of one shard. A row group is one batch for iter_batches and the unit that
+    ranks split between them, so: ~1024 docs each, but at least ~8 per shard so that small shards
+    (tests, tiny corpora) still spread over several ranks. Page CRCs let a download catch a flipped
+    byte without SHA256SUMS; statistics are left out (min/max of documents are useless and sit
+    outside the CRCs). Same docs -> same bytes.
+    """
+    row_group_size = min(1024, max(1, len(docs) // 8))
+    table = pa.table({"text": pa.array(docs, type=pa.string())})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=row_group_size, compression="zstd", use_dictionary=False,
+                   write_statistics=False, write_page_checksum=True)
+    return sink.getvalue().to_pybytes()
+
+
+def _group_by_chars(docs, limit):
+    groups, size = [[]], 0
+    for doc in docs:
+        if size >= limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(doc)
+        size += len(doc)
+    return groups
+
+
+def prepare(inputs, shard_chars=100_000_000, val_chars=None, seed=0, out_dir=None):
+    """
+    Build shards from local files (see INPUT_EXTENSIONS) into out_dir (default data_dir()),
+    replacing the shards, index.json and SHA256SUMS already there. Documents are shuffled with
+    `seed`; the first val_chars worth (default 1% of all, at least one document) become val.
+    Train shards come first (shard_00000...), val shards are numbered after them. Returns a summary.
+    """
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if shard_chars < 1 or (val_chars is not None and val_chars < 1):
+        raise ValueError("shard_chars and val_chars must be positive")
+    docs = []
+    for path in input_files(inputs):
+        before = len(docs)
+        docs.extend(read_documents(path))
+        print0(f"{path}: {len(docs) - before:,} documents")
+    if len(docs) < 2:
+        raise ValueError(f"found {len(docs)} documents in {inputs}; need at least 2 (one for val, one for train)")
+    # a str seed is hashed (sha512) into the generator's state: every seed gives its own order,
+    # while int seeds 1 and -1 would give the same one (Random uses abs() of an int)
+    random.Random(f"nanochat-prepare-{seed}").shuffle(docs)
+    target = max(1, sum(map(len, docs)) // 100) if val_chars is None else val_chars
+    n_val, chars = 0, 0
+    while n_val == 0 or (chars < target and n_val < len(docs)):
+        chars += len(docs[n_val])
+        n_val += 1
+    splits = {"train": docs[n_val:], "val": docs[:n_val]}
+    if not splits["train"]:
+        raise ValueError(f"val_chars={val_chars} takes all {len(docs)} documents; none would be left for train")
+
+    out_dir = out_dir or data_dir()
+    os.makedirs(out_dir, exist_ok=True)
+    old = sorted(n for n in os.listdir(out_dir) if SHARD_RE.fullmatch(n) or n in (INDEX_FILE, SUMS_FILE))
+    for name in old:
+        os.remove(os.path.join(out_dir, name))
+    if old:
+        print0(f"removed {len(old)} old files from {out_dir} ({old[0]} ... {old[-1]})")
+    groups = {split: _group_by_chars(splits[split], shard_chars) for split in splits}
+    names = {"train": [shard_name(i) for i in range(len(groups["train"]))]}
+    names["val"] = [shard_name(len(names["train"]) + i) for i in range(len(groups["val"]))]
+    # the index goes first: a crash midway then leaves an index naming missing shards (a loud
+    # error in list_shards), never shards that the remote convention would silently mis-split
+    with atomic_write(os.path.join(out_dir, INDEX_FILE), "w") as f:
+        json.dump(names, f, indent=1)
+    sums = []
+    for split in ("train", "val"):
+        for name, group in zip(names[split], groups[split]):
+            data = encode_shard(group)
+            sums.append(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
+            with atomic_write(os.path.join(out_dir, name)) as f:
+                f.write(data)
+    with atomic_write(os.path.join(out_dir, SUMS_FILE), "w") as f:
+        f.writelines(sums)
+    summary = {split: {"shards": names[split], "docs": len(splits[split]), "chars": sum(map(len, splits[split]))}
+               for split in ("train", "val")}
+    for split, s in summary.items():
+        print0(f"{split}: {s['docs']:,} documents, {s['chars']:,} chars in {len(s['shards'])} shards "
+               f"({s['shards'][0]} .. {s['shards'][-1]})")
+    print0(f"wrote {out_dir} (also usable as a mirror: NANOCHAT_DATA_URL=file://{os.path.abspath(out_dir)})")
+    return {"out_dir": out_dir, **summary}
+
+
+# -------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset", description=(
+        "Download pretraining shards (-n N), or build them from local text (prepare --input PATH)."))
+    parser.add_argument("-n", "--num-files", type=int, default=None,
+                        help="download the first N train shards plus the val shard(s); -1 = all (default: none)")
+    parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads (default: %(default)s)")
+    parser.add_argument("--retries", type=int, default=5, help="attempts per file (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", metavar="{prepare}")
+    prep = commands.add_parser("prepare", help="build shards from local .txt/.txt.gz/.raw/.jsonl/.jsonl.gz/.parquet")
+    prep.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                      help="files or folders (walked recursively) to read (required)")
+    prep.add_argument("--shard-chars", type=int, default=100_000_000,
+                      help="characters of text per shard (default: %(default)s)")
+    prep.add_argument("--val-chars", type=int, default=None,
+                      help="characters of text for val (default: 1%% of all, at least one document)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the document shuffle (default: %(default)s)")
+    prep.add_argument("--out-dir", default=None, help="where to write (default: $NANOCHAT_BASE_DIR/base_data)")
+    args = parser.parse_args(argv)
+    print0(f"flags: {vars(args)}")
+    try:
+        if args.command == "prepare":
+            for path in args.input:
+                if not os.path.exists(path):
+                    parser.error(f"--input {path}: no such file or folder")
+            if args.shard_chars < 1 or (args.val_chars is not None and args.val_chars < 1):
+                parser.error("--shard-chars and --val-chars must be positive")
+            prepare(args.input, args.shard_chars, args.val_chars, args.seed, args.out_dir)
+            return
+        if args.num_files is None or args.num_files < -1 or args.workers < 1 or args.retries < 1:
+            parser.error("download with -n N (N >= 0, or -1 for all) and -w/--retries >= 1, or use `prepare`")
+        base = base_url()
+        _, index = fetch_mirror_index(base, args.retries)
+        indices = shards_to_download(args.num_files, index)
+        print0(f"downloading {len(indices)} shards from {base} into {data_dir()}"
+               + (f" (the split of its {INDEX_FILE})" if index else f" ({VAL_SHARD} is val)"))
+        download_shards(indices, base, workers=args.workers, retries=args.retries)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        parser.exit(1, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

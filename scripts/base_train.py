@@ -1,0 +1,380 @@
+"""
+Pretrain the base model on the shards.
+
+    python -m scripts.base_train --depth 4 --max-seq-len 256 --device-batch-size 8 --total-batch-size 4096
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth 20
+    python -m scripts.base_train --depth 20 --dry-run --assume-device h100     # what would it cost?
+
+One process or many (torchrun: NCCL on GPUs, gloo on CPUs), the same code: the optimizers average
+gradients across ranks themselves, so the model is not wrapped in DDP. Each step is
+total_batch_size tokens = device_batch_size * max_seq_len * world_size * grad_accum_steps.
+The data of micro-step k on rank r comes from reader r * grad_accum_steps + k of
+world_size * grad_accum_steps, so the same total batch sees the same tokens however it is split
+between ranks and accumulation steps.
+
+Checkpoints go to base_checkpoints/<model_tag>/ every --save-every steps, at the end, at
+--stop-after-step, and on SIGTERM/SIGINT; --resume continues the latest one exactly (model,
+optimizer shards, every reader's position, step, schedule, loop statistics).
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import find_last_step, load_checkpoint, save_checkpoint
+from nanochat.common import (GPU_BF16_PEAK, DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir,
+                             gpu_peak_flops, measure_matmul_peak, parse_dtype, print0)
+from nanochat.dataloader import DataLoader
+from nanochat.gpt import GPT, config_for_depth
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import lr_multiplier, muon_momentum
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+                  "The opposite of hot is", "The planets of the solar system are:"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Pretrain the base GPT on the shards.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", default=None, help="wandb run name (no wandb when unset)")
+    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on cuda/cpu), float32 or bfloat16")
+    # model
+    p.add_argument("--depth", type=int, default=20, help="number of layers; width, heads and LRs follow from it")
+    p.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
+    p.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = aspect_ratio * depth, rounded up to head_dim")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="context length")
+    # horizon: the first of these that is set wins
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from the ratio below)")
+    p.add_argument("--target-param-data-ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla = 20)")
+    # batch
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per device")
+    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all ranks")
+    # optimization
+    p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the embedding (scaled by width)")
+    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head (scaled by width)")
+    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="share of steps of linear LR warmup")
+    p.add_argument("--warmdown-ratio", type=float, default=0.2, help="share of steps of linear LR warmdown")
+    p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a share of the peak")
+    # evaluation, sampling, checkpoints
+    p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end; -1: end only)")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation")
+    p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1: end only)")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (-1: end only)")
+    p.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this tag")
+    p.add_argument("--stop-after-step", type=int, default=-1, help="save and exit at this step (schedule unchanged)")
+    p.add_argument("--log-every", type=int, default=1, help="print/log metrics every N steps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--seed", type=int, default=42, help="model init seed")
+    # planning
+    p.add_argument("--dry-run", action="store_true", help="print sizes, budget, memory and time estimates, then exit")
+    p.add_argument("--assume-device", default=None, help="for --dry-run: h100, a100, ... or cpu (default: this machine)")
+    p.add_argument("--assume-world-size", type=int, default=None, help="for --dry-run: devices (default: 8 for a GPU name, else this run's)")
+    p.add_argument("--assume-mfu", type=float, default=0.40, help="for --dry-run: MFU to assume for the time estimate")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    positive = ["depth", "head_dim", "aspect_ratio", "max_seq_len", "device_batch_size", "total_batch_size"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.num_iterations == 0 or args.target_param_data_ratio <= 0:
+        raise SystemExit("error: --num-iterations must be positive (or -1) and --target-param-data-ratio positive")
+    if not 0 <= args.warmup_ratio + args.warmdown_ratio <= 1:
+        raise SystemExit("error: --warmup-ratio + --warmdown-ratio must lie in [0, 1]")
+
+
+def estimate_memory(model, args, world_size, dtype):
+    """Rough bytes per device: fp32 weights + grads, optimizer state (sharded), saved activations."""
+    c = model.config
+    n_params = model.num_params()
+    weights = 4 * n_params
+    grads = 4 * n_params
+    adam_params = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
+    optimizer = (8 * adam_params + 4 * (n_params - adam_params)) / world_size  # Adam m, v; Muon momentum
+    act_bytes = 2 if dtype == torch.bfloat16 else 4
+    tokens = args.device_batch_size * args.max_seq_len
+    # per layer per token: ~27 tensors of width n_embd kept for backward (norms, q/k/v before and
+    # after rotary and QK-norm, attention output, the 4x-wide MLP hidden three times, residuals)
+    per_layer = 27 * c.n_embd * act_bytes
+    logits = model.padded_vocab_size * (act_bytes + 4 + 4)  # head output, fp32 softcapped logits, their grad
+    activations = tokens * (c.n_layer * per_layer + logits)
+    return {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    master = rank == 0
+    device_type = device.type
+    dtype = parse_dtype(args.dtype, device_type)
+    autocast = autocast_ctx(device_type, dtype)
+    model_tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+    print0(f"flags: {vars(args)}")
+
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device=device)
+    vocab_size = tokenizer.get_vocab_size()
+
+    # ---------------------------------------------------------------------------------------------
+    # the model: built on the meta device, materialised and initialised in one place
+    config = config_for_depth(args.depth, vocab_size, args.max_seq_len, head_dim=args.head_dim,
+                              aspect_ratio=args.aspect_ratio)
+    with torch.device("meta"):
+        model = GPT(config)  # sizes and FLOPs are known here, before any memory is spent
+    n_params = model.num_params()
+    flops_per_token = model.estimate_flops()
+
+    # ---------------------------------------------------------------------------------------------
+    # horizon and batch arithmetic
+    tokens_per_micro = args.device_batch_size * args.max_seq_len
+    world_tokens_per_micro = tokens_per_micro * world_size
+    if args.total_batch_size % world_tokens_per_micro != 0:
+        raise SystemExit(f"error: --total-batch-size {args.total_batch_size} is not a multiple of device_batch_size "
+                         f"* max_seq_len * world_size = {args.device_batch_size} * {args.max_seq_len} * {world_size} "
+                         f"= {world_tokens_per_micro}; pick e.g. {max(1, round(args.total_batch_size / world_tokens_per_micro)) * world_tokens_per_micro}")
+    grad_accum = args.total_batch_size // world_tokens_per_micro
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    else:
+        num_iterations = max(1, round(args.target_param_data_ratio * n_params / args.total_batch_size))
+    total_tokens = num_iterations * args.total_batch_size
+    print0(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head} (kv {config.n_kv_head}), "
+           f"vocab {vocab_size:,} (padded {model.padded_vocab_size:,}), context {config.sequence_len}")
+    print0(f"parameters: {n_params:,} | FLOPs per token: {flops_per_token:.3e}")
+    print0(f"steps: {num_iterations:,} x {args.total_batch_size:,} tokens = {total_tokens:,} tokens "
+           f"({total_tokens / n_params:.1f} tokens/param); grad accumulation {grad_accum} x world size {world_size}")
+
+    if device_type == "cuda" and gpu_peak_flops(torch.cuda.get_device_name(device)) and dtype == torch.bfloat16:
+        peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device))
+        peak_source = torch.cuda.get_device_name(device) + " bf16 datasheet"
+    else:
+        peak_flops = measure_matmul_peak(device, dtype)
+        peak_source = f"measured {str(dtype).removeprefix('torch.')} matmul on {device_type}"
+    print0(f"peak per device: {peak_flops / 1e12:.2f} TFLOP/s ({peak_source})")
+
+    if args.dry_run:
+        memory = estimate_memory(model, args, world_size, dtype)
+        print0("estimated memory per device: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items())
+               + f" | total {sum(memory.values()) / 2**30:.2f} GiB")
+        assumed = args.assume_device
+        if assumed and assumed.lower() != "cpu":
+            assumed_peak = gpu_peak_flops(assumed)
+            if assumed_peak is None:
+                raise SystemExit(f"error: unknown --assume-device {assumed!r}; known: cpu, {', '.join(sorted(GPU_BF16_PEAK))}")
+            assumed_world = args.assume_world_size or 8
+        else:
+            assumed, assumed_peak, assumed_world = (assumed or device_type), peak_flops, args.assume_world_size or world_size
+        seconds = flops_per_token * total_tokens / (assumed_peak * assumed_world * args.assume_mfu)
+        print0(f"estimated wall time on {assumed_world} x {assumed} at {args.assume_mfu:.0%} MFU: "
+               f"{seconds / 3600:.2f} h ({flops_per_token * total_tokens:.3e} FLOPs)")
+        print0("dry run: nothing trained, nothing written")
+        compute_cleanup()
+        return
+
+    model.to_empty(device=device)
+    torch.manual_seed(args.seed)
+    model.init_weights()
+
+    # ---------------------------------------------------------------------------------------------
+    # optimizers, data, and the state a resume restores
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    adamw, muon = optimizers
+    loop = {"step": 0, "smooth_loss": 0.0, "train_time": 0.0, "val_bpb": None, "min_val_bpb": None}
+    reader_states = [None] * grad_accum
+    if args.resume:
+        step = find_last_step(checkpoint_dir)
+        model_state, optim_states, dl_state, meta = load_checkpoint(checkpoint_dir, step, device,
+                                                                    load_optimizer=True, rank=rank)
+        if meta["model_config"] != vars(config):
+            raise SystemExit(f"error: checkpoint {checkpoint_dir} step {step} has config {meta['model_config']}, "
+                             f"these flags make {vars(config)}")
+        model.load_state_dict(model_state, strict=True)
+        for opt, state in zip(optimizers, optim_states):
+            opt.load_state_dict(state)
+        if dl_state is None or len(dl_state["readers"]) != grad_accum:
+            raise SystemExit("error: the checkpoint's data position does not match this run's gradient "
+                             "accumulation; resume with the same batch flags")
+        reader_states = dl_state["readers"]
+        loop = meta["loop"]
+        print0(f"resumed from {checkpoint_dir} step {step}")
+        del model_state, optim_states
+    elif ddp:
+        for p in model.parameters():  # identical initial weights on every rank, whatever the RNG did
+            dist.broadcast(p.data, src=0)
+
+    readers = [DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
+                          rank=rank * grad_accum + k, world_size=world_size * grad_accum,
+                          resume_state=reader_states[k]) for k in range(grad_accum)]
+    reader_iters = [iter(r) for r in readers]
+
+    orig_model = model  # eval and sampling use the uncompiled module (new shapes would recompile)
+    if args.compile:
+        model = torch.compile(model, dynamic=False)
+
+    wandb_run = DummyWandb()
+    if args.run and master:
+        import wandb
+        wandb_run = wandb.init(project="nanochat", name=args.run, config=vars(args))
+
+    stop_requested = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop_requested["signal"] = signum
+        print0(f"received signal {signum}: will save a checkpoint after this step and exit")
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    def save(step):
+        meta = {"model_config": vars(config), "flags": vars(args), "loop": dict(loop, step=step),
+                "val_bpb": loop["val_bpb"], "num_iterations": num_iterations}
+        save_checkpoint(checkpoint_dir, step, orig_model, optimizers, meta,
+                        dataloader_state={"readers": [r.state for r in readers]}, rank=rank)
+        print0(f"saved checkpoint {checkpoint_dir} step {step}")
+
+    def evaluate(step):
+        eval_steps = max(1, args.eval_tokens // world_tokens_per_micro)
+        val_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device,
+                                rank=rank, world_size=world_size)
+        orig_model.eval()
+        bpb = evaluate_bpb(orig_model, iter(val_loader), eval_steps, token_bytes, autocast=autocast)
+        orig_model.train()
+        loop["val_bpb"] = bpb
+        loop["min_val_bpb"] = bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], bpb)
+        print0(f"step {step:05d} | val bpb {bpb:.4f}")
+        wandb_run.log({"step": step, "val/bpb": bpb})
+        append_metrics({"step": step, "val_bpb": bpb})
+
+    def sample():
+        orig_model.eval()
+        for prompt in SAMPLE_PROMPTS:
+            ids = tokenizer.encode(prompt, prepend="<|bos|>")
+            with autocast:
+                out = list(orig_model.generate(ids, max_tokens=16, temperature=0))
+            print0(f"sample: {prompt!r} -> {tokenizer.decode(out)!r}")
+        orig_model.train()
+
+    def append_metrics(record):
+        if master:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            with open(os.path.join(checkpoint_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def due(every, step):
+        return every > 0 and step % every == 0
+
+    # ---------------------------------------------------------------------------------------------
+    # the loop: step s trains on the s-th batch; a checkpoint at step s holds the state before it
+    step = loop["step"]
+    start_step = step
+    position_weights = torch.arange(1, args.max_seq_len + 1, device=device)
+    t_start = time.time()
+    while True:
+        last = step == num_iterations
+        stopping = step == args.stop_after_step or stop_requested["signal"] is not None
+        if ddp:  # every rank must agree to stop (a signal may reach them at different steps)
+            flag = torch.tensor(int(stopping), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = bool(flag.item())
+        if step != start_step and (last or stopping or due(args.save_every, step)):
+            save(step)  # before any eval, so a crash during the eval loses nothing
+        if stopping and not last:
+            print0(f"stopped at step {step} (resume with --resume)")
+            break
+        if last or due(args.eval_every, step):
+            evaluate(step)
+        if master and (last or (due(args.sample_every, step) and step > 0)):
+            sample()
+        if last:
+            break
+
+        # one optimizer step over grad_accum micro-batches
+        t0 = time.time()
+        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for group in muon.param_groups:
+            group["momentum"] = muon_momentum(step)
+        step_loss = torch.zeros((), device=device)
+        checksum = torch.zeros((), dtype=torch.long, device=device)  # which tokens this step saw (resume checks)
+        for k in range(grad_accum):
+            x, y, _ = next(reader_iters[k])
+            checksum += (x * position_weights).sum()
+            with autocast:
+                loss = model(x, y)
+            step_loss += loss.detach()
+            (loss / grad_accum).backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        step_loss /= grad_accum
+        if ddp:  # the logged loss is the mean over all ranks (gloo has no AVG: sum, then divide)
+            dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)
+            step_loss /= world_size
+            dist.all_reduce(checksum, op=dist.ReduceOp.SUM)
+        loss_value = step_loss.item()  # also a sync point, so the timing below is real
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"error: loss is {loss_value} at step {step}; lower the LRs or check the data")
+        dt = time.time() - t0
+        step += 1
+        loop["step"] = step
+        if step - start_step > 1:  # the first step (compilation, warmup) does not count toward the time
+            loop["train_time"] += dt
+        beta = 0.9
+        loop["smooth_loss"] = beta * loop["smooth_loss"] + (1 - beta) * loss_value
+        smooth = loop["smooth_loss"] / (1 - beta ** step)
+        if step % args.log_every == 0 or step == num_iterations:
+            tokens_per_s = args.total_batch_size / dt  # the whole step: all ranks, all micro-batches
+            mfu = flops_per_token * tokens_per_s / (peak_flops * world_size)
+            timed = max(step - start_step - 1, 1)
+            eta = (loop["train_time"] / timed) * (num_iterations - step) if step - start_step > 1 else float("nan")
+            cropped = sum(r.cropped_fraction() for r in readers) / len(readers)
+            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {smooth:.4f} | "
+                   f"lrm {lrm:.3f} | dt {dt * 1000:.0f} ms | tok/s {tokens_per_s:,.0f} | MFU {100 * mfu:.1f}% | "
+                   f"elapsed {loop['train_time'] / 60:.1f} m | ETA {eta / 60:.1f} m")
+            record = {"step": step, "loss": loss_value, "smooth_loss": smooth, "lrm": lrm, "dt": dt,
+                      "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": loop["train_time"],
+                      "eta_s": eta, "cropped_fraction": cropped, "data_checksum": checksum.item()}
+            append_metrics(record)
+            wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/tok_per_sec": tokens_per_s,
+                           "train/mfu": mfu})
+
+    if step == num_iterations and master:
+        get_report().log("Base model training", [vars(args), {
+            "parameters": n_params, "FLOPs per token": f"{flops_per_token:.3e}", "steps": num_iterations,
+            "tokens": total_tokens, "tokens per parameter": total_tokens / n_params,
+            "dtype": str(dtype).removeprefix("torch."), "world size": world_size,
+            "final val bpb": loop["val_bpb"], "min val bpb": loop["min_val_bpb"],
+            "training time (min)": loop["train_time"] / 60,
+            "peak memory (MiB)": peak_memory_mib(device),
+        }])
+    wandb_run.finish()
+    compute_cleanup()
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""
+Pretraining: packing, the resumable dataloader, bits per byte, and scripts.base_train end to end
+(resume exactness with negative controls, torchrun on 2 CPU processes vs gradient accumulation,
+SIGTERM, dry run, flag errors). Real shards of real text, a real tokenizer, real subprocesses.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, SHARED_DATA
+from nanochat.dataloader import DataLoader, pack_rows
+
+BOS = 0
+
+
+# -------------------------------------------------------------------------------------------------
+# fixtures: shards + tokenizer in a throwaway base dir, shared by the tests of this file
+
+@pytest.fixture(scope="module")
+def env_base(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train_base")
+    old = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = str(base)
+    try:
+        from nanochat.dataset import prepare
+        from nanochat.tokenizer import RustBPETokenizer
+        inputs = [os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"),
+                  os.path.join(SHARED_DATA, "pretrain", "wikitext-2-raw")]
+        prepare(inputs, shard_chars=400_000, val_chars=100_000, seed=0)
+        text = open(inputs[0], encoding="utf-8").read()
+        tokenizer = RustBPETokenizer.train_from_iterator(iter([text[i:i + 2000] for i in range(0, len(text), 2000)]), 512)
+        tokenizer.save(os.path.join(base, "tokenizer"))
+        yield base
+    finally:
+        if old is None:
+            os.environ.pop("NANOCHAT_BASE_DIR", None)
+        else:
+            os.environ["NANOCHAT_BASE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def tokenizer(env_base):
+    from nanochat.tokenizer import get_tokenizer
+    return get_tokenizer()
+
+
+# -------------------------------------------------------------------------------------------------
+# packing
+
+def test_pack_rows_bos_aligned_and_accounted():
+    g = torch.Generator().manual_seed(0)
+    docs = []
+    for i in range(200):
+        n = int(torch.randint(1, 90, (1,), generator=g))
+        docs.append([BOS] + [1000 * (i + 1) + j for j in range(n)])  # unique tokens: traceable
+    row_len = 65
+    rows, cropped = pack_rows(docs, row_len)
+    assert rows and all(len(r) == row_len for r in rows)
+    assert sum(len(r) for r in rows) + cropped == sum(len(d) for d in docs)
+    starts = {d[1] if len(d) > 1 else None for d in docs}
+    seen_docs = set()
+    for row in rows:
+        assert row[0] == BOS  # every row starts at a document's start
+        # the row is a concatenation of document prefixes, each starting with BOS, docs not reused
+        segments, cur = [], []
+        for t in row:
+            if t == BOS and cur:
+                segments.append(cur)
+                cur = []
+            cur.append(t)
+        segments.append(cur)
+        for seg in segments:
+            doc_id = seg[1] // 1000 - 1 if len(seg) > 1 else None
+            if doc_id is not None:
+                assert seg == docs[doc_id][:len(seg)]
+                assert doc_id not in seen_docs
+                seen_docs.add(doc_id)
+    assert cropped / (cropped + len(rows) * row_len) < 0.15, "best-fit should waste little"
+    assert starts  # silence unused warnings in a readable way
+
+
+def test_pack_rows_long_document_is_cropped_not_continued():
+    rows, cropped = pack_rows([[BOS] + list(range(1, 300))], 100)
+    assert rows == [[BOS] + list(range(1, 100))]
+    assert cropped == 200
+
+
+# -------------------------------------------------------------------------------------------------
+# the dataloader
+
+def take(loader, n):
+    out = []
+    for x, y, state in loader:
+        out.append((x.clone(), y.clone(), state))
+        if len(out) == n:
+            break
+    return out
+
+
+def test_dataloader_shapes_targets_and_bos(tokenizer):
+    B, T = 4, 64
+    batches = take(DataLoader(tokenizer, B, T, "train"), 5)
+    bos = tokenizer.get_bos_token_id()
+    for x, y, _ in batches:
+        assert x.shape == (B, T) and y.shape == (B, T) and x.dtype == torch.long
+        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+        assert (x[:, 0] == bos).all()
+
+
+def test_dataloader_resume_is_exact(tokenizer):
+    B, T = 2, 64
+    reference = take(DataLoader(tokenizer, B, T, "train", chunk_rows=8), 30)
+    for k in (0, 3, 4, 11, 17):  # inside chunks and at their edges
+        resumed = take(DataLoader(tokenizer, B, T, "train", chunk_rows=8, resume_state=reference[k][2]), 8)
+        for (x, y, _), (rx, ry, _) in zip(reference[k + 1:k + 9], resumed):
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_dataloader_ranks_disjoint_and_nonempty(tokenizer):
+    B, T = 2, 32
+
+    def rows(rank, world):
+        loader = DataLoader(tokenizer, B, T, "train", rank=rank, world_size=world, loop=False)
+        return {tuple(r.tolist()) for x, _, _ in loader for r in x}
+
+    r0, r1 = rows(0, 2), rows(1, 2)
+    assert r0 and r1 and not (r0 & r1)
+
+
+# -------------------------------------------------------------------------------------------------
+# bits per byte
+
+def test_bpb_of_uniform_model(tokenizer):
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import get_token_bytes
+    V = tokenizer.get_vocab_size()
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    torch.nn.init.zeros_(model.lm_head.weight)  # all logits 0: the uniform distribution
+    token_bytes = get_token_bytes()
+    batches = take(DataLoader(tokenizer, 4, 64, "val"), 3)
+    for _, y, _ in batches:  # special-token targets and ignored (-1) targets must count in neither sum
+        y[:, ::5] = tokenizer.get_bos_token_id()
+        y[:, 3] = -1
+    bpb = evaluate_bpb(model, iter(batches), 3, token_bytes)
+    targets = torch.cat([y.reshape(-1) for _, y, _ in batches])
+    targets = targets[targets >= 0]
+    counted = token_bytes[targets] > 0
+    mean_bytes = token_bytes[targets][counted].float().mean().item()
+    assert bpb == pytest.approx(math.log2(V) / mean_bytes, rel=1e-6)
+    assert (~counted).sum() >= 3 * 4 * 12
+
+
+# -------------------------------------------------------------------------------------------------
+# scripts.base_train end to end
+
+TINY = ["--depth", "2", "--head-dim", "32", "--aspect-ratio", "32", "--max-seq-len", "64",
+        "--device-batch-size", "4", "--total-batch-size", "512", "--dtype", "float32",
+        "--eval-every", "-1", "--eval-tokens", "1024", "--sample-every", "-1", "--save-every", "-1",
+        "--warmdown-ratio", "0.5"]
+
+
+def run_train(base, *flags, nproc=1, check=True, timeout=300):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "scripts.base_train", *flags]
+    else:
+        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+        cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "scripts.base_train", *flags]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"base_train failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def metrics(base, tag):
+    path = os.path.join(base, "base_checkpoints", tag, "metrics.jsonl")
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if "loss" in r]
+
+
+def test_base_train_resume_is_exact(env_base):
+    run_train(env_base, *TINY, "--num-iterations", "8", "--model-tag", "full")
+    full = metrics(env_base, "full")
+    assert [r["step"] for r in full] == list(range(1, 9))
+    losses = [r["loss"] for r in full]
+    assert len(set(losses)) == len(losses)  # the model is learning, not stuck
+
+    out = run_train(env_base, *TINY, "--num-iterations", "8", "--model-tag", "split", "--stop-after-step", "4").stdout
+    assert "stopped at step 4" in out
+    run_train(env_base, *TINY, "--num-iterations", "8", "--model-tag", "split", "--resume")
+    split = metrics(env_base, "split")
+    assert [r["step"] for r in split] == list(range(1, 9))
+    assert [r["loss"] for r in split] == losses  # CPU fp32: bit-identical
+    assert [r["data_checksum"] for r in split] == [r["data_checksum"] for r in full]
+
+    # negative controls: resume from the same checkpoint with the optimizer state, or the data
+    # position, replaced by fresh ones -> the run differs (so the test above can tell)
+    from nanochat.checkpoint import load_checkpoint, save_checkpoint
+    from nanochat.gpt import GPT, GPTConfig
+    split_dir = os.path.join(env_base, "base_checkpoints", "split")
+    for control in ("optimizer", "data"):
+        tag = f"control-{control}"
+        state, optim_states, dl_state, meta = load_checkpoint(split_dir, 4, "cpu", load_optimizer=True)
+        model = GPT(GPTConfig(**meta["model_config"]))
+        model.load_state_dict(state)
+        optimizers = model.setup_optimizers()
+        if control == "data":
+            for opt, s in zip(optimizers, optim_states):
+                opt.load_state_dict(s)
+            dl_state = {"readers": [None] * len(dl_state["readers"])}
+        fields = {k: v for k, v in meta.items() if k in ("model_config", "flags", "loop", "val_bpb", "num_iterations")}
+        save_checkpoint(os.path.join(env_base, "base_checkpoints", tag), 4, model, optimizers, fields,
+                        dataloader_state=dl_state)
+        run_train(env_base, *TINY, "--num-iterations", "8", "--model-tag", tag, "--resume")
+        control_records = metrics(env_base, tag)
+        assert [r["step"] for r in control_records] == [5, 6, 7, 8]
+        assert [r["loss"] for r in control_records] != losses[4:]
+        if control == "data":
+            assert [r["data_checksum"] for r in control_records] != [r["data_checksum"] for r in full[4:]]
+
+
+def test_base_train_two_processes_equal_gradient_accumulation(env_base):
+    # world size 2 x accumulation 1 vs world size 1 x accumulation 2: the same 512-token steps
+    run_train(env_base, *TINY, "--num-iterations", "4", "--model-tag", "one")
+    run_train(env_base, *TINY, "--num-iterations", "4", "--model-tag", "two", nproc=2, timeout=400)
+    one, two = metrics(env_base, "one"), metrics(env_base, "two")
+    assert [r["data_checksum"] for r in one] == [r["data_checksum"] for r in two]
+    # summation order differs (all-reduce vs accumulation): equal to float tolerance, not bitwise
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    assert one[-1]["loss"] < one[0]["loss"]
+    from nanochat.checkpoint import load_checkpoint
+    w1 = load_checkpoint(os.path.join(env_base, "base_checkpoints", "one"), 4, "cpu")[0]
+    w2 = load_checkpoint(os.path.join(env_base, "base_checkpoints", "two"), 4, "cpu")[0]
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-3, atol=1e-4)
+
+
+def test_base_train_sigterm_saves_and_resumes(env_base):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(env_base), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *TINY, "--num-iterations", "100000",
+                             "--model-tag", "sig", "--log-every", "1"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 00003/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out
+    assert "received signal" in out and "saved checkpoint" in out
+    from nanochat.checkpoint import find_last_step
+    step = find_last_step(os.path.join(env_base, "base_checkpoints", "sig"))
+    assert step >= 3
+    out = run_train(env_base, *TINY, "--num-iterations", "100000", "--model-tag", "sig", "--resume",
+                    "--stop-after-step", str(step + 2)).stdout
+    assert f"resumed from" in out and f"stopped at step {step + 2}" in out
+
+
+def test_base_train_dry_run_and_flag_errors(env_base):
+    out = run_train(env_base, "--depth", "20", "--dry-run", "--assume-device", "h100").stdout
+    for needle in ("parameters:", "FLOPs per token", "grad accumulation", "estimated memory per device",
+                   "estimated wall time on 8 x h100", "nothing trained"):
+        assert needle in out, out
+    params = int(out.split("parameters: ")[1].split(" ")[0].replace(",", ""))
+    assert 3.5e8 < params < 7e8  # d20: 20 layers of 12 * 1280^2 weights + (small) embeddings
+    assert not os.path.exists(os.path.join(env_base, "base_checkpoints", "d20"))
+
+    bad = run_train(env_base, *TINY, "--total-batch-size", "500", check=False)
+    assert bad.returncode != 0 and "not a multiple" in bad.stderr + bad.stdout
+    bad = run_train(env_base, *TINY, "--depth", "0", check=False)
+    assert bad.returncode != 0 and "--depth must be positive" in bad.stderr + bad.stdout
+    bad = run_train(env_base, *TINY, "--model-tag", "never-trained", "--resume", check=False)
+    assert bad.returncode != 0 and "never-trained" in bad.stderr + bad.stdout
