@@ -1,0 +1,185 @@
+"""The engine: KV-cached decoding vs the no-cache reference, row independence, tool use, UTF-8 streaming."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+from nanochat.engine import Engine, KVCache, Utf8Stream, sample_next
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import RustBPETokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    with open(os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
+        text = f.read()[:200_000]
+    return RustBPETokenizer.train_from_iterator(iter([text[i:i + 1000] for i in range(0, len(text), 1000)]), 400)
+
+
+def random_model(vocab_size, seed=0, n_kv_head=2):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised projections would make every logit 0
+            p.normal_(0, 0.3)
+    model.eval()
+    return model
+
+
+def no_tool(expr):
+    raise AssertionError(f"the calculator was not expected to run ({expr!r})")
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_greedy_with_cache_equals_reference_without_cache(tokenizer, n_kv_head):
+    model = random_model(tokenizer.get_vocab_size(), n_kv_head=n_kv_head)
+    prompt = tokenizer.encode("To be, or not to be", prepend="<|bos|>")
+    with torch.no_grad():
+        assert model(torch.tensor([prompt])).std() > 0.1  # the logits vary
+    reference = list(model.generate(prompt, max_tokens=40, temperature=0))
+    specials = {tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()}
+    if any(t in specials for t in reference):  # keep the tool/stop logic out of this comparison
+        reference = reference[:min(i for i, t in enumerate(reference) if t in specials)]
+    assert len(reference) >= 20
+    rows, _ = Engine(model, tokenizer, calculator=no_tool).generate_batch(prompt, max_tokens=len(reference), temperature=0)
+    assert rows[0][len(prompt):] == reference
+
+
+def test_planted_cache_offset_bug_is_caught(tokenizer, monkeypatch):
+    """Negative control: the comparison above must notice a cache whose position is off by one."""
+    model = random_model(tokenizer.get_vocab_size())
+    prompt = tokenizer.encode("To be, or not to be", prepend="<|bos|>")
+    reference = list(model.generate(prompt, max_tokens=20, temperature=0))
+    monkeypatch.setattr(KVCache, "get_pos", lambda self: max(self.pos - 1, 0))
+    rows, _ = Engine(model, tokenizer, calculator=lambda e: "0").generate_batch(prompt, max_tokens=20, temperature=0)
+    assert rows[0][len(prompt):] != reference
+
+
+def test_cached_logits_match_full_forward(tokenizer):
+    model = random_model(tokenizer.get_vocab_size())
+    ids = torch.randint(0, tokenizer.get_vocab_size(), (1, 30))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(1, 2, 4, 16, 2)  # deliberately small: it must grow by copying
+        prefill = model(ids[:, :10], kv_cache=cache)
+        steps = [model(ids[:, t:t + 1], kv_cache=cache) for t in range(10, 30)]
+    cached = torch.cat([prefill] + steps, dim=1)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)  # fp32; summation order differs
+
+
+def test_rows_from_one_prefill_equal_separate_runs(tokenizer):
+    model = random_model(tokenizer.get_vocab_size(), seed=3)
+    engine = Engine(model, tokenizer, calculator=lambda e: "0")
+    prompt = tokenizer.encode("Once upon a time", prepend="<|bos|>")
+    rows, masks = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, seed=100)
+    for i in range(4):
+        alone, alone_masks = engine.generate_batch(prompt, num_samples=1, max_tokens=12, temperature=1.0, seed=100 + i)
+        assert rows[i] == alone[0] and masks[i] == alone_masks[0]
+    # rows differ from the first token on (each samples its own first token from the shared prefill)
+    firsts, _ = engine.generate_batch(prompt, num_samples=8, max_tokens=1, temperature=1.0, seed=7)
+    assert len({r[len(prompt)] for r in firsts}) > 1
+    # and the same seed reproduces the same rows
+    again, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, seed=100)
+    assert again == rows
+
+
+def test_sampling_edge_cases():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0]])
+    g = [torch.Generator().manual_seed(0)]
+    assert sample_next(logits, g, temperature=0).tolist() == [1]
+    assert sample_next(logits, g, temperature=1.0, top_k=1).tolist() == [1]  # top-1 = greedy
+    for top_k in (0, None, 4, 1000):  # 0/None = no cut; larger than the vocabulary is clamped
+        assert 0 <= sample_next(logits, g, temperature=1.0, top_k=top_k).item() < 4
+    with pytest.raises(ValueError):
+        sample_next(logits, g, temperature=-1)
+
+
+class ScriptedModel(torch.nn.Module):
+    """
+    A stub LM: before <|output_end|> has been seen it emits `head` token by token; after it, `tail`.
+    It keeps the KV cache honest (one insert per step) so the engine's bookkeeping is exercised.
+    """
+
+    def __init__(self, vocab_size, head, tail, output_end):
+        super().__init__()
+        self.config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+        self.head, self.tail, self.output_end = head, tail, output_end
+        self.history = []
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def get_device(self):
+        return self.anchor.device
+
+    def forward(self, idx, kv_cache=None):
+        B, T = idx.shape
+        if kv_cache is not None:
+            kv_cache.insert_kv(0, torch.zeros(B, 1, T, 8), torch.zeros(B, 1, T, 8))
+        if T > 1:
+            self.history = idx[0].tolist()
+            self.prompt_len = T
+        else:
+            self.history.append(idx[0, 0].item())
+        generated = self.history[self.prompt_len:]
+        if self.output_end in generated:
+            k = len(generated) - generated.index(self.output_end) - 1
+            nxt = self.tail[min(k, len(self.tail) - 1)]
+        else:
+            nxt = self.head[min(len(generated), len(self.head) - 1)]
+        logits = torch.full((B, T, self.config.vocab_size), -10.0)
+        logits[:, -1, nxt] = 10.0
+        return logits
+
+
+def test_tool_use_injects_calculator_output(tokenizer):
+    sp = tokenizer.encode_special
+    expr = tokenizer.encode("1+2")
+    answer = tokenizer.encode(" so 3.")
+    head = [sp("<|python_start|>"), *expr, sp("<|python_end|>")]
+    tail = [*answer, sp("<|assistant_end|>")]
+    model = ScriptedModel(tokenizer.get_vocab_size(), head, tail, sp("<|output_end|>"))
+    seen = []
+
+    def calculator(e):
+        seen.append(e)
+        return str(eval(e, {"__builtins__": {}}))  # test stub on a fixed expression; the real tool never evals
+
+    prompt = [tokenizer.get_bos_token_id(), sp("<|user_start|>")] + tokenizer.encode("1+2?") + [sp("<|user_end|>"), sp("<|assistant_start|>")]
+    rows, masks = Engine(model, tokenizer, calculator=calculator).generate_batch(prompt, max_tokens=40, temperature=0)
+    injected = [sp("<|output_start|>")] + tokenizer.encode("3") + [sp("<|output_end|>")]
+    assert seen == ["1+2"]
+    assert rows[0][len(prompt):] == head + injected + answer
+    assert masks[0][len(prompt):] == [1] * len(head) + [0] * len(injected) + [1] * len(answer)
+
+
+def test_tool_error_is_injected_as_text(tokenizer):
+    from nanochat.execution import use_calculator
+    sp = tokenizer.encode_special
+    head = [sp("<|python_start|>"), *tokenizer.encode("1/0"), sp("<|python_end|>")]
+    tail = [sp("<|assistant_end|>")]
+    model = ScriptedModel(tokenizer.get_vocab_size(), head, tail, sp("<|output_end|>"))
+    prompt = [tokenizer.get_bos_token_id(), sp("<|assistant_start|>")]
+    rows, masks = Engine(model, tokenizer).generate_batch(prompt, max_tokens=60, temperature=0)
+    out = rows[0][len(prompt) + len(head):]
+    assert out[0] == sp("<|output_start|>") and out[-1] == sp("<|output_end|>")
+    text = tokenizer.decode(out[1:-1])
+    assert text == use_calculator("1/0") and "error" in text.lower()
+
+
+def test_streamed_text_never_splits_characters(tokenizer):
+    text = "Hi 😀 你好, naïve ∑ 🙂!"
+    ranks = tokenizer.get_mergeable_ranks()
+    byte_ids = [ranks[bytes([b])] for b in text.encode("utf-8")]  # one byte per token: splits every multi-byte char
+    script = byte_ids + [tokenizer.encode_special("<|assistant_end|>")]
+    model = ScriptedModel(tokenizer.get_vocab_size(), script, script[-1:], output_end=-1)  # no tool call
+    prompt = [tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_start|>")]
+    stream, pieces = Utf8Stream(tokenizer), []
+    for column, _ in Engine(model, tokenizer, calculator=no_tool).generate(prompt, max_tokens=100, temperature=0):
+        if column[0] is not None:
+            pieces.append(stream.push(column[0]))
+    pieces.append(stream.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert sum(1 for p in pieces if p) < len(byte_ids)  # some tokens were held back, not decoded alone
