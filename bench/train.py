@@ -36,7 +36,7 @@ def worker(args):
     config = config_for_depth(args.depth, args.vocab, args.seq, head_dim=args.head_dim)
     model = GPT(config)
     model.init_weights()
-    optimizers = model.setup_optimizers()
+    optimizers = model.setup_optimizers(ns_dtype=dtype)
     train_model = torch.compile(model, dynamic=False) if args.compile else model
     autocast = autocast_ctx("cpu", dtype)
     x = torch.randint(0, args.vocab, (args.batch, args.seq))
@@ -116,7 +116,7 @@ def main():
     p.add_argument("--depths", type=int, nargs="+", default=[4, 6], help="model depths to time")
     p.add_argument("--seq", type=int, default=512, help="sequence length")
     p.add_argument("--batch", type=int, default=8, help="rows per step")
-    p.add_argument("--vocab", type=int, default=32768, help="vocabulary size (random tokens)")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (random tokens; the CPU profile's size)")
     p.add_argument("--head-dim", type=int, default=64, help="attention head dim (the tiny CPU profile's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")

@@ -52,6 +52,7 @@ def apply_rotary_emb(x, cos, sin):
     """x: (B, T, H, D). Rotates the pair (x[i], x[i + D/2]) by the position's angle for frequency i."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # fp32 tables would promote bf16 activations to fp32
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
@@ -180,10 +181,11 @@ class GPT(nn.Module):
         return 6 * matmul_params + attention
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                         adam_betas=(0.8, 0.95)):
+                         adam_betas=(0.8, 0.95), ns_dtype=None):
         """
         Muon for the 2-D matrices inside the blocks; AdamW for the embedding and the lm_head, with
-        their LR scaled by 1/sqrt(width/768) (the LRs were tuned at width 768). Returns [adamw, muon].
+        their LR scaled by 1/sqrt(width/768) (the LRs were tuned at width 768). ns_dtype: the dtype of
+        Muon's Newton-Schulz matmuls (None: bf16 on GPU, fp32 elsewhere). Returns [adamw, muon].
         """
         from nanochat.optim import AdamW, Muon  # optim knows nothing of the model; import at use
         matrix_params = list(self.transformer.h.parameters())
@@ -195,7 +197,7 @@ class GPT(nn.Module):
             {"params": lm_head_params, "lr": unembedding_lr * scale},
             {"params": embedding_params, "lr": embedding_lr * scale},
         ], betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
-        muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
+        muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, ns_dtype=ns_dtype)
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:

@@ -102,16 +102,19 @@ class AdamW(torch.optim.Optimizer):
 
 
 @torch.no_grad()
-def zeropower_via_newtonschulz5(G, steps=5):
+def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
     """
     An approximately orthogonal matrix with G's singular vectors (U V^T of G = U S V^T), by a quintic
     Newton-Schulz iteration whose coefficients are tuned to push every singular value into roughly
-    [0.7, 1.2] in 5 steps rather than to converge exactly (Jordan et al., Muon). bf16 on GPU (and on
-    CPUs with fast bf16): the iteration is self-correcting, so low precision costs nothing.
+    [0.7, 1.2] in 5 steps rather than to converge exactly (Jordan et al., Muon). dtype: bf16 by default
+    on GPU (and asked for on CPUs with fast bf16): the iteration is self-correcting, so low precision
+    costs nothing; fp32 by default elsewhere.
     """
     assert G.ndim >= 2
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16() if G.device.type == "cuda" or G.dtype == torch.bfloat16 else G.float()
+    if dtype is None:
+        dtype = torch.bfloat16 if G.device.type == "cuda" or G.dtype == torch.bfloat16 else torch.float32
+    X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
@@ -133,7 +136,7 @@ class Muon(torch.optim.Optimizer):
     so that its RMS does not depend on the matrix's aspect ratio.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
         params = list(params)
         if any(p.ndim != 2 for p in params):
             raise ValueError("Muon only takes 2-D parameters; use AdamW for the rest")
@@ -141,6 +144,7 @@ class Muon(torch.optim.Optimizer):
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [{"params": [p for p in params if tuple(p.shape) == s]} for s in shapes]
         super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype  # None: bf16 on GPU, fp32 elsewhere (see zeropower_via_newtonschulz5)
 
     @torch.no_grad()
     def step(self):
@@ -161,7 +165,7 @@ class Muon(torch.optim.Optimizer):
                     buf = state["momentum_buffer"]
                     buf.lerp_(grad.float(), 1 - group["momentum"])
                     g = torch.lerp(grad.float(), buf, group["momentum"]) if group["nesterov"] else buf
-                    g = zeropower_via_newtonschulz5(g, steps=group["ns_steps"])
+                    g = zeropower_via_newtonschulz5(g, steps=group["ns_steps"], dtype=self.ns_dtype)
                     scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
                     local = p.float().add_(g.float(), alpha=-group["lr"] * scale).to(p.dtype)
                 else:

@@ -193,7 +193,8 @@ def main(argv=None):
     # ---------------------------------------------------------------------------------------------
     # optimizers, data, and the state a resume restores
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
+                                        ns_dtype=dtype)  # bf16 runs orthogonalise in bf16 too
     adamw, muon = optimizers
     loop = {"step": 0, "smooth_loss": 0.0, "train_time": 0.0, "val_bpb": None, "min_val_bpb": None}
     reader_states = [None] * grad_accum
