@@ -11,6 +11,7 @@ import argparse
 import tiktoken
 
 from nanochat.common import print0
+from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer
 
 # Short samples written for this script: each kind stresses a different part of the vocabulary.
@@ -112,6 +113,8 @@ def main():
     header = f"{'text':<12} {'bytes':>8}" + "".join(f" {label + ' tok':>10} {label + ' B/tok':>10}" for label in encoders)
     print0(header)
     print0("-" * len(header))
+    table = [header, "-" * len(header)]
+    summary = {}
     for kind, text in texts.items():
         n_bytes = len(text.encode("utf-8"))
         row = f"{kind:<12} {n_bytes:>8}"
@@ -120,7 +123,10 @@ def main():
             if label == "ours" and tokenizer.decode(ids) != text:
                 raise RuntimeError(f"our tokenizer does not round-trip the {kind} text")
             row += f" {len(ids):>10} {n_bytes / max(len(ids), 1):>10.2f}"
+            summary[f"{kind} bytes/token ({label})"] = n_bytes / max(len(ids), 1)
         print0(row)
+        table.append(row)
+    get_report().log("Tokenizer evaluation", [summary, "```", *table, "```"])
 
 
 if __name__ == "__main__":

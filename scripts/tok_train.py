@@ -15,6 +15,7 @@ import time
 
 from nanochat.common import get_base_dir, print0
 from nanochat.dataset import parquets_iter_batched
+from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer
 
 
@@ -68,6 +69,11 @@ def main():
     tokenizer.save(directory)
     print0(f"saved tokenizer (vocab size {tokenizer.get_vocab_size():,}) to {directory}/ "
            f"(tokenizer.json, token_bytes.npy)")
+
+    get_report().log("Tokenizer training", [vars(args), {
+        "vocab size": tokenizer.get_vocab_size(), "training chars": chars, "documents": stats["docs"],
+        "train time (s)": train_time, "chars/s": chars / max(train_time, 1e-9), "peak memory (MiB)": peak_memory_mib(),
+        "fingerprint": tokenizer.fingerprint()}])
 
     # A sanity check a human can read: a sentence, its tokens, and the round trip.
     sample = "Hello world! The year 2025 has 365 days. 안녕하세요 🙂"

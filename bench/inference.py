@@ -1,0 +1,104 @@
+"""
+Decoding speed on this machine, depth-4 model, CPU:
+- KV-cached decode (the Engine) vs recomputing the whole sequence every step (GPT.generate), at
+  prompt + output lengths 128 and 1024 (half prompt, half output);
+- 1 row vs 8 rows from one prefill (tokens/s per row and in total);
+- memory bandwidth achieved by batch-1 decode (weights + KV cache read per token) against a copy
+  bandwidth measured in the same run (MBU).
+The last line printed is one JSON object with every figure.
+
+    python -m bench.inference
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, config_for_depth
+from nanochat.tokenizer import RustBPETokenizer
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "pretrain", "tinyshakespeare", "input.txt")
+
+
+def copy_bandwidth(mb=512, reps=5):
+    """Bytes moved per second by a large tensor copy (read + write), the practical ceiling for decode."""
+    src = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--rows", type=int, default=8)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    with open(TEXT, encoding="utf-8") as f:
+        text = f.read()
+    tokenizer = RustBPETokenizer.train_from_iterator(iter([text[i:i + 2000] for i in range(0, len(text), 2000)]), args.vocab)
+    config = config_for_depth(args.depth, tokenizer.get_vocab_size(), max(args.lengths), head_dim=64)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for param in model.parameters():  # a random but not degenerate model
+            param.normal_(0, 0.02)
+        specials = [tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()]
+        model.lm_head.weight[specials] = 0  # keep greedy decoding away from stop/tool tokens
+    model.eval()
+    engine = Engine(model, tokenizer, calculator=lambda e: "0")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth()
+    results = {"depth": args.depth, "params": model.num_params(), "threads": torch.get_num_threads(),
+               "copy_bandwidth_gb_s": bandwidth / 1e9}
+
+    def timed_engine(prompt, n_out, rows):
+        t0 = time.perf_counter()
+        out, _ = engine.generate_batch(prompt, num_samples=rows, max_tokens=n_out, temperature=0)
+        dt = time.perf_counter() - t0
+        assert all(len(r) == len(prompt) + n_out for r in out), "a row stopped early"
+        return dt
+
+    print(f"depth {args.depth}, {model.num_params() / 1e6:.1f}M params, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print("| length | cached tok/s | recompute tok/s | speed-up | 1 row tok/s | 8 rows tok/s/row | 8 rows total | 8-row step time / 1-row | decode MBU |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for length in args.lengths:
+        prompt = tokenizer.encode(text[:20 * length], prepend="<|bos|>")[:length // 2]
+        n_out = length - len(prompt)
+        timed_engine(prompt, 4, 1)  # warm up
+        cached = timed_engine(prompt, n_out, 1)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            recomputed = list(model.generate(prompt, max_tokens=n_out, temperature=0))
+        recompute = time.perf_counter() - t0
+        assert len(recomputed) == n_out
+        batched = timed_engine(prompt, n_out, args.rows)
+        # bytes read per decode step at batch 1: every weight once + the KV cache so far (fp32)
+        c = config
+        kv_per_token = 2 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * 4
+        mean_context = len(prompt) + n_out / 2
+        bytes_per_step = weight_bytes + kv_per_token * mean_context
+        mbu = bytes_per_step * n_out / cached / bandwidth
+        row = {"cached_tok_s": n_out / cached, "recompute_tok_s": n_out / recompute, "speedup": recompute / cached,
+               "rows": args.rows, "batched_tok_s_per_row": n_out / batched, "batched_tok_s_total": args.rows * n_out / batched,
+               "batched_time_ratio": batched / cached, "mbu": mbu}
+        results[f"length_{length}"] = row
+        print(f"| {length} | {row['cached_tok_s']:.0f} | {row['recompute_tok_s']:.0f} | {row['speedup']:.1f}x | "
+              f"{row['cached_tok_s']:.0f} | {row['batched_tok_s_per_row']:.0f} | {row['batched_tok_s_total']:.0f} | "
+              f"{row['batched_time_ratio']:.2f}x | {100 * mbu:.0f}% |", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
