@@ -285,3 +285,14 @@ def test_base_train_dry_run_and_flag_errors(env_base):
     assert bad.returncode != 0 and "--depth must be positive" in bad.stderr + bad.stdout
     bad = run_train(env_base, *TINY, "--model-tag", "never-trained", "--resume", check=False)
     assert bad.returncode != 0 and "never-trained" in bad.stderr + bad.stdout
+
+
+def test_base_train_compiled_matches_eager(env_base):
+    # torch.compile (inductor, CPU) must train the same model: same data, losses equal to float tolerance
+    flags = [*TINY, "--num-iterations", "3", "--depth", "1"]
+    run_train(env_base, *flags, "--model-tag", "eager")
+    run_train(env_base, *flags, "--model-tag", "compiled", "--compile", timeout=600)
+    eager, compiled = metrics(env_base, "eager"), metrics(env_base, "compiled")
+    assert [r["data_checksum"] for r in eager] == [r["data_checksum"] for r in compiled]
+    for a, b in zip(eager, compiled):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
