@@ -126,9 +126,15 @@ def main(argv=None):
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     print0(f"flags: {vars(args)}")
 
-    tokenizer = get_tokenizer()
-    token_bytes = get_token_bytes(device=device)
-    vocab_size = tokenizer.get_vocab_size()
+    try:
+        tokenizer = get_tokenizer()
+        token_bytes = get_token_bytes(device=device)
+        vocab_size = tokenizer.get_vocab_size()
+    except (FileNotFoundError, ValueError) as e:
+        if not args.dry_run:
+            raise SystemExit(f"error: {e}")
+        vocab_size = 32768  # planning needs only the size
+        print0(f"no tokenizer yet ({e}); planning with the default vocabulary of {vocab_size:,}")
 
     # ---------------------------------------------------------------------------------------------
     # the model: built on the meta device, materialised and initialised in one place
@@ -170,7 +176,8 @@ def main(argv=None):
     if args.dry_run:
         memory = estimate_memory(model, args, world_size, dtype)
         print0("estimated memory per device: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items())
-               + f" | total {sum(memory.values()) / 2**30:.2f} GiB")
+               + f" | total {sum(memory.values()) / 2**30:.2f} GiB (activations as saved by eager mode: "
+               f"an upper bound, torch.compile keeps fewer; lower --device-batch-size if it does not fit)")
         assumed = args.assume_device
         if assumed and assumed.lower() != "cpu":
             assumed_peak = gpu_peak_flops(assumed)
