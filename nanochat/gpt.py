@@ -88,8 +88,12 @@ class CausalSelfAttention(nn.Module):
         if Tq == Tk:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif Tq == 1:
-            # one new token sees everything in the cache
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+            # decode: one new token sees everything in the cache. Two small matmuls beat the fused
+            # kernel here (it is tiled for long queries); query heads are grouped by their kv head.
+            Hkv, G = self.n_kv_head, self.n_head // self.n_kv_head
+            qg = q.view(B, Hkv, G, self.head_dim)
+            scores = (qg @ k.transpose(-2, -1)) * self.head_dim ** -0.5  # (B, Hkv, G, Tk)
+            y = (scores.float().softmax(dim=-1).to(v.dtype) @ v).view(B, self.n_head, 1, self.head_dim)
         else:
             # a chunk after a cached prefix: the whole prefix, causal within the chunk
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
