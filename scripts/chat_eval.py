@@ -1,0 +1,161 @@
+"""
+Evaluate a chat model on the chat tasks, and ChatCORE.
+
+    python -m scripts.chat_eval -i sft                              # every task
+    python -m scripts.chat_eval -i mid -a "ARC-Easy|GSM8K" --max-problems 100
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft
+
+Categorical tasks (ARC, MMLU) are scored from the logits of the allowed answer letters only, at the
+position after <|assistant_start|>, many prompts per forward pass. Generative tasks (GSM8K,
+HumanEval, SpellingBee) sample with the engine, tool use on, and check the answer or run the tests
+in the sandbox; with --num-samples k a problem counts as solved when any of its k samples is
+(pass@k). ChatCORE = mean over the evaluated tasks of the centered accuracy
+(acc - chance) / (1 - chance), chance = 1/4 for the 4-way multiple-choice tasks and 0 for the
+generative ones. Each rank takes every world_size-th problem; counts are summed over ranks.
+"""
+
+import argparse
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import load_model
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, parse_dtype, print0
+from nanochat.engine import Engine
+from nanochat.report import get_report
+
+# name -> (constructor, chance level)
+def task_registry():
+    from tasks.arc import ARC
+    from tasks.gsm8k import GSM8K
+    from tasks.humaneval import HumanEval
+    from tasks.mmlu import MMLU
+    from tasks.spellingbee import SpellingBee
+    return {
+        "ARC-Easy": (lambda: ARC(subset="ARC-Easy", split="test"), 0.25),
+        "ARC-Challenge": (lambda: ARC(subset="ARC-Challenge", split="test"), 0.25),
+        "MMLU": (lambda: MMLU(subset="all", split="test"), 0.25),
+        "GSM8K": (lambda: GSM8K(subset="main", split="test"), 0.0),
+        "HumanEval": (lambda: HumanEval(), 0.0),
+        "SpellingBee": (lambda: SpellingBee(size=256, split="test"), 0.0),
+    }
+
+
+DEFAULT_TASKS = "ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval"
+
+
+def my_indices(n, rank, world_size, max_problems):
+    n = n if max_problems is None or max_problems < 0 else min(n, max_problems)
+    return list(range(rank, n, world_size)), n
+
+
+@torch.no_grad()
+def run_categorical(task, model, tokenizer, indices, batch_size, autocast):
+    """Correct count over `indices`: argmax over the allowed letters' logits at the answer position."""
+    device = model.get_device()
+    pad = tokenizer.get_bos_token_id()
+    correct = 0
+    for start in range(0, len(indices), batch_size):
+        conversations = [task[i] for i in indices[start:start + batch_size]]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        longest = max(len(p) for p in prompts)
+        batch = torch.full((len(prompts), longest), pad, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            batch[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)  # right padding: causal, harmless
+        with autocast:
+            logits = model(batch)
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letters = conversation.get("letters") or task.letters
+            letter_ids = []
+            for letter in letters:
+                ids = tokenizer.encode(letter)
+                if len(ids) != 1:
+                    raise ValueError(f"answer letter {letter!r} is not a single token")
+                letter_ids.append(ids[0])
+            scores = logits[row, len(prompt) - 1, letter_ids]
+            predicted = letters[scores.argmax().item()]
+            correct += int(bool(task.evaluate(conversation, predicted)))
+    return correct
+
+
+def run_generative(task, engine, tokenizer, indices, num_samples, max_new_tokens, temperature, top_k, autocast):
+    correct = 0
+    for n, i in enumerate(indices):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        with autocast:
+            rows, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                            temperature=temperature, top_k=top_k, seed=1000 + i)
+        completions = [tokenizer.decode(row[len(prompt):]) for row in rows]
+        correct += int(any(task.evaluate(conversation, c) for c in completions))
+        if (n + 1) % 25 == 0:
+            print0(f"  {n + 1}/{len(indices)} problems on rank 0, {correct} solved")
+    return correct
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a chat model on the chat tasks; ChatCORE.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
+    p.add_argument("--model-tag", default=None, help="default: the largest model of that stage")
+    p.add_argument("--step", type=int, default=None, help="default: the last step")
+    p.add_argument("-a", "--tasks", default=DEFAULT_TASKS, help="'|'-separated task names")
+    p.add_argument("--max-problems", type=int, default=-1, help="evaluate at most this many problems per task (-1: all)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per generative problem (pass@k)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="longest generated answer")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sampling top-k (0 = all)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass for categorical tasks")
+    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    args = p.parse_args(argv)
+    registry = task_registry()
+    names = [n.strip() for n in args.tasks.split("|") if n.strip()]
+    unknown = [n for n in names if n not in registry]
+    if unknown or not names:
+        p.error(f"unknown task(s) {unknown}; choose from {'|'.join(registry)}")
+    if args.num_samples < 1 or args.temperature < 0:
+        p.error("--num-samples must be >= 1 and --temperature >= 0")
+    if args.num_samples > 1 and args.temperature == 0:
+        print0("note: --num-samples > 1 at temperature 0 gives identical samples")
+
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    autocast = autocast_ctx(device.type, parse_dtype(args.dtype, device.type))
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    engine = Engine(model, tokenizer)
+    print0(f"ChatCORE = mean over the evaluated tasks of (accuracy - chance) / (1 - chance); "
+           f"chance: {', '.join(f'{n} {registry[n][1]:.2f}' for n in names)}")
+
+    results, centered = {}, {}
+    for name in names:
+        t0 = time.time()
+        make_task, chance = registry[name]
+        task = make_task()
+        indices, total = my_indices(len(task), rank, world_size, args.max_problems)
+        if task.eval_type == "categorical":
+            correct = run_categorical(task, model, tokenizer, indices, args.batch_size, autocast)
+        else:
+            correct = run_generative(task, engine, tokenizer, indices, args.num_samples, args.max_new_tokens,
+                                     args.temperature, args.top_k, autocast)
+        counts = torch.tensor([correct, len(indices)], dtype=torch.long, device=device)
+        if ddp:
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        correct, evaluated = counts.tolist()
+        assert evaluated == total, (evaluated, total)
+        accuracy = correct / max(total, 1)
+        results[name] = accuracy
+        centered[name] = (accuracy - chance) / (1 - chance)
+        print0(f"{name}: {correct}/{total} = {100 * accuracy:.2f}% (centered {centered[name]:+.4f}) "
+               f"in {time.time() - t0:.0f}s")
+    chatcore = sum(centered.values()) / len(centered)
+    print0(f"ChatCORE over {len(centered)} task(s) ({', '.join(centered)}): {chatcore:.4f}")
+    get_report().log(f"Chat evaluation {args.source}", [
+        {"source": args.source, "step": meta["step"], "max problems": args.max_problems,
+         "num samples": args.num_samples, "temperature": args.temperature},
+        results, {"ChatCORE": chatcore, "ChatCORE tasks": ", ".join(centered)}])
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()

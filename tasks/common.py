@@ -1,0 +1,164 @@
+"""
+Datasets as chat tasks. A Task is a sized, sliceable list of conversations {"messages": [...]} with
+an `eval_type` ("categorical": answer = one of `letters`; "generative": free text checked by
+`evaluate`). TaskMixture and TaskSequence combine tasks for training.
+
+Each task loads from the HuggingFace hub through `datasets`, or, when NANOCHAT_LOCAL_DATA names a
+folder laid out like shared/data, from the native files there — the same Task code either way.
+"""
+
+import random
+
+from nanochat.common import local_data_dir, local_data_file
+
+LETTERS = "ABCDEFGHIJ"
+
+
+class Task:
+    eval_type = "generative"
+    letters = None
+
+    def __init__(self, start=0, stop=None, step=1):
+        if start < 0 or step < 1 or (stop is not None and stop < start):
+            raise ValueError(f"bad task view start={start} stop={stop} step={step}")
+        self.start, self.stop, self.step = start, stop, step
+
+    def num_examples(self):
+        raise NotImplementedError
+
+    def get_example(self, index):
+        raise NotImplementedError
+
+    def evaluate(self, conversation, completion):
+        raise NotImplementedError
+
+    def __len__(self):
+        stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
+        return max(0, (stop - self.start + self.step - 1) // self.step)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step < 1:
+                raise ValueError("task slices need a positive step")
+            view = TaskView(self, start, stop, step)
+            return view
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for a task of {n}")
+        return self.get_example(self.start + index * self.step)
+
+
+class TaskView(Task):
+    """A slice of another task (cheap: no copy)."""
+
+    def __init__(self, task, start, stop, step):
+        super().__init__()
+        self.task, self.indices = task, range(start, stop, step)
+        self.eval_type, self.letters = task.eval_type, task.letters
+
+    def num_examples(self):
+        return len(self.indices)
+
+    def get_example(self, index):
+        return self.task[self.indices[index]]
+
+    def evaluate(self, conversation, completion):
+        return self.task.evaluate(conversation, completion)
+
+
+class TaskMixture(Task):
+    """
+    The union of several tasks in a deterministic shuffled order. A task listed twice (or given a
+    repeat count in `repeats`) appears that many times. Conversations carry no task label; use
+    `task_of(i)` to know where example i came from.
+    """
+
+    def __init__(self, tasks, repeats=None, seed=0x5EED, **kwargs):
+        super().__init__(**kwargs)
+        repeats = repeats or [1] * len(tasks)
+        if len(repeats) != len(tasks) or any(r < 0 for r in repeats):
+            raise ValueError("repeats must give a count >= 0 for every task")
+        self.tasks = tasks
+        self.index = [(t, i) for t, (task, r) in enumerate(zip(tasks, repeats)) for _ in range(r) for i in range(len(task))]
+        random.Random(seed).shuffle(self.index)  # a positive seed of our own (seeds 1 and -1 collide)
+
+    def num_examples(self):
+        return len(self.index)
+
+    def get_example(self, index):
+        t, i = self.index[index]
+        return self.tasks[t][i]
+
+    def task_of(self, index):
+        return self.tasks[self.index[self.start + index * self.step][0]]
+
+
+class TaskSequence(Task):
+    """Tasks one after another, in order."""
+
+    def __init__(self, tasks, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = tasks
+        self.offsets = []
+        total = 0
+        for task in tasks:
+            self.offsets.append(total)
+            total += len(task)
+        self.total = total
+
+    def num_examples(self):
+        return self.total
+
+    def get_example(self, index):
+        for task, offset in reversed(list(zip(self.tasks, self.offsets))):
+            if index >= offset:
+                return task[index - offset]
+        raise IndexError(index)
+
+
+def render_mc(question, letters, choices):
+    """The shared multiple-choice prompt: the question, lettered choices, and the instruction."""
+    lines = [question.strip(), ""]
+    lines += [f"{letter}. {choice}" for letter, choice in zip(letters, choices)]
+    lines += ["", f"Answer with the letter of the correct choice ({', '.join(letters)})."]
+    return "\n".join(lines)
+
+
+def mc_conversation(question, choices, gold, letters=None):
+    letters = list(letters or LETTERS[:len(choices)])
+    return {"messages": [{"role": "user", "content": render_mc(question, letters, choices)},
+                         {"role": "assistant", "content": letters[gold]}],
+            "letters": letters}
+
+
+class MultipleChoiceTask(Task):
+    eval_type = "categorical"
+    letters = list("ABCD")
+
+    def evaluate(self, conversation, completion):
+        """completion: the predicted letter (or text starting with it)."""
+        gold = conversation["messages"][-1]["content"]
+        return int(completion.strip()[:1].upper() == gold)
+
+
+def use_local():
+    return local_data_dir() is not None
+
+
+def check_count(rows, expected, what, path):
+    if expected is not None and len(rows) != expected:
+        raise ValueError(f"{what}: {len(rows)} rows in {path}, expected {expected}; the file is incomplete or not the documented one")
+    return rows
+
+
+def load_hub(path, name=None, split=None):
+    """A split of a hub dataset (needs the internet, or a HF_DATASETS cache)."""
+    from datasets import load_dataset
+    return load_dataset(path, name, split=split)
+
+
+__all__ = ["Task", "TaskMixture", "TaskSequence", "MultipleChoiceTask", "render_mc", "mc_conversation",
+           "use_local", "local_data_file", "check_count", "load_hub", "LETTERS"]

@@ -1,0 +1,55 @@
+"""
+HumanEval: 164 Python functions to complete. The user gives the signature and docstring; the
+assistant answers with the whole function in a ```python block. Evaluation runs the completion
+against the problem's tests in the sandbox (nanochat.execution).
+"""
+
+import gzip
+import json
+import re
+
+from tasks.common import Task, check_count, load_hub, local_data_file, use_local
+
+COUNT = 164
+
+
+def extract_code(completion):
+    """The first ```python block of a reply, else the whole reply."""
+    m = re.search(r"```(?:python)?\n(.*?)(?:```|$)", completion, re.S)
+    return m.group(1) if m else completion
+
+
+class HumanEval(Task):
+    eval_type = "generative"
+
+    def __init__(self, timeout=10.0, **kwargs):
+        super().__init__(**kwargs)
+        self.timeout = timeout
+        if use_local():
+            path = local_data_file("humaneval", "HumanEval.jsonl.gz")
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                self.rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            path = "the hub"
+            self.rows = [dict(r) for r in load_hub("openai/openai_humaneval", None, "test")]
+        check_count(self.rows, COUNT, "HumanEval", path)
+
+    def num_examples(self):
+        return len(self.rows)
+
+    def get_example(self, index):
+        row = self.rows[index]
+        solution = row["prompt"] + row["canonical_solution"]
+        return {"messages": [{"role": "user", "content": f"Complete this Python function.\n\n```python\n{row['prompt']}```"},
+                             {"role": "assistant", "content": f"```python\n{solution}```"}],
+                "entry_point": row["entry_point"], "test": row["test"], "prompt": row["prompt"], "task_id": row["task_id"]}
+
+    def program(self, conversation, completion):
+        code = extract_code(completion)
+        # the prompt's imports (e.g. `from typing import List`) may be missing from the answer
+        imports = "\n".join(l for l in conversation["prompt"].splitlines() if l.startswith(("import ", "from ")))
+        return f"{imports}\n{code}\n\n{conversation['test']}\n\ncheck({conversation['entry_point']})\n"
+
+    def evaluate(self, conversation, completion):
+        from nanochat.execution import execute_code
+        return int(execute_code(self.program(conversation, completion), timeout=self.timeout).success)
