@@ -109,7 +109,7 @@ def test_fork_bomb_is_contained():
     r = execute_code("import os\nwhile True:\n    os.fork()", timeout=3)
     assert not r.success
     time.sleep(1)
-    assert count_nobody_processes() == before  # nothing left behind
+    assert count_nobody_processes() <= before  # nothing left behind (a previous test's may still be exiting)
     assert execute_code("print('still fine')").stdout == "still fine\n"
 
 
