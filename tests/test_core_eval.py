@@ -1,0 +1,181 @@
+"""CORE: hand-checked prompt rendering, oracle models through the real scoring path, batching, 2 ranks == 1."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, SHARED_DATA
+from nanochat.core_eval import (CORE_TASKS, core_data_dir, evaluate_core, evaluate_task, fewshot_indices, load_rows,
+                                render_item, score_sequences, tokenize_pairs)
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import RustBPETokenizer
+
+CORE = os.path.join(SHARED_DATA, "core")
+SPEC = {label: (rel, kind, shots, delim, base) for label, rel, kind, shots, delim, base in CORE_TASKS}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    with open(os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
+        text = f.read()[:200_000]
+    return RustBPETokenizer.train_from_iterator(iter([text[i:i + 1000] for i in range(0, len(text), 1000)]), 1000)
+
+
+def rows_of(label):
+    return load_rows(os.path.join(CORE, SPEC[label][0]))
+
+
+def test_rendering_matches_the_spec_by_hand():
+    copa = rows_of("copa")  # multiple choice, 0 shots, delimiter " "
+    prefixes, conts, gold = render_item(copa, 0, "multiple_choice", 0, " ")
+    assert prefixes == [copa[0]["query"] + " "] * len(copa[0]["choices"])
+    assert conts == copa[0]["choices"] and gold == copa[0]["gold"]
+    wino = rows_of("winograd")  # schema, 0 shots
+    prefixes, conts, gold = render_item(wino, 3, "schema", 0, " ")
+    assert prefixes == [c + " " for c in wino[3]["context_options"]]
+    assert conts == [wino[3]["continuation"]] * 2
+    lam = rows_of("lambada_openai")  # language modeling, 0 shots
+    prefixes, conts, _ = render_item(lam, 5, "language_modeling", 0, " ")
+    assert prefixes == [lam[5]["context"] + " "] and conts == [lam[5]["continuation"]]
+    # few-shot: arc_easy, 10 shots, "\nAnswer: ": each shot "query\nAnswer: gold choice", blank lines between
+    arc = rows_of("arc_easy")
+    prefixes, conts, _ = render_item(arc, 7, "multiple_choice", 10, "\nAnswer: ")
+    shots = fewshot_indices(len(arc), 7, 10)
+    assert len(shots) == 10 and 7 not in shots and shots == fewshot_indices(len(arc), 7, 10)
+    expected = "".join(f"{arc[j]['query']}\nAnswer: {arc[j]['choices'][arc[j]['gold']]}\n\n" for j in shots)
+    assert prefixes[0] == expected + arc[7]["query"] + "\nAnswer: "
+    # fewer items than shots + 1: use what exists, no exception
+    assert sorted(fewshot_indices(4, 2, 10)) == [0, 1, 3]
+
+
+def test_tokenized_spans_and_bos(tokenizer):
+    seqs = tokenize_pairs(tokenizer, ["The cat sat on the"], [" mat"], max_len=1000)
+    ids, start, end = seqs[0]
+    assert ids[0] == tokenizer.get_bos_token_id() and end == len(ids)
+    assert tokenizer.decode(ids[start:end]).endswith("mat") and start >= 2
+    long = tokenize_pairs(tokenizer, ["word " * 500], [" end"], max_len=64)[0]
+    assert len(long[0]) == 64 and long[0][0] == tokenizer.get_bos_token_id()
+    assert tokenizer.decode(long[0][long[1]:]).strip() == "end"
+
+
+class Oracle(torch.nn.Module):
+    """Makes the gold sequences cheap (every next token predicted); others uniform. reverse swaps the two."""
+
+    def __init__(self, vocab, gold_sequences, pad, reverse=False, seq_len=4096):
+        super().__init__()
+        self.vocab, self.gold, self.pad, self.reverse = vocab, gold_sequences, pad, reverse
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.config = GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+
+    def get_device(self):
+        return self.anchor.device
+
+    def forward(self, x):
+        B, T = x.shape
+        logits = torch.zeros(B, T, self.vocab)
+        for b in range(B):
+            row = x[b].tolist()
+            while len(row) > 1 and row[-1] == self.pad:
+                row.pop()
+            is_gold = tuple(row) in self.gold
+            if is_gold != self.reverse:
+                for t in range(len(row) - 1):
+                    logits[b, t, row[t + 1]] = 20.0
+            elif self.reverse:  # for LM items: predict something else than the continuation
+                for t in range(len(row) - 1):
+                    logits[b, t, (row[t + 1] + 1) % self.vocab] = 20.0
+        return logits
+
+
+@pytest.mark.parametrize("label", ["copa", "arc_easy", "winograd", "winogrande", "lambada_openai", "bigbench_operators", "boolq"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_oracles_score_100_and_0(tokenizer, label, reverse):
+    rel, kind, shots, delim, base = SPEC[label]
+    rows = rows_of(label)
+    indices = list(range(12))
+    gold = set()
+    for i in indices:
+        prefixes, conts, g = render_item(rows, i, kind, shots, delim)
+        seqs = tokenize_pairs(tokenizer, prefixes, conts, 4096)
+        gold.add(tuple(seqs[g][0]))
+    model = Oracle(tokenizer.get_vocab_size(), gold, tokenizer.get_bos_token_id(), reverse)
+    correct = evaluate_task(model, tokenizer, rows, kind, shots, delim, 4096, indices, batch_size=7)
+    assert correct == (0 if reverse else len(indices))
+
+
+def random_model(vocab):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=256, vocab_size=vocab, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+def test_batched_equals_one_at_a_time(tokenizer):
+    model = random_model(tokenizer.get_vocab_size())
+    rows = rows_of("piqa")
+    seqs = []
+    for i in range(6):
+        prefixes, conts, _ = render_item(rows, i, "multiple_choice", 2, "\nAnswer: ")
+        seqs += tokenize_pairs(tokenizer, prefixes, conts, 256)
+    with torch.no_grad():
+        assert model(torch.tensor([seqs[0][0]])).std() > 0.1
+    batched = score_sequences(model, seqs, tokenizer.get_bos_token_id(), batch_size=5)
+    alone = [score_sequences(model, [s], tokenizer.get_bos_token_id(), batch_size=1)[0] for s in seqs]
+    for (a, pa), (b, pb) in zip(batched, alone):
+        assert a == pytest.approx(b, rel=1e-4) and pa == pb
+
+
+def test_evaluate_core_reports_absent_tasks(tokenizer, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", SHARED_DATA)
+    model = random_model(tokenizer.get_vocab_size())
+    out = evaluate_core(model, tokenizer, max_per_task=2, log=lambda *a: None)
+    assert out["present"] == 18 and out["total"] == 22
+    assert set(out["absent"]) == {"hellaswag_zeroshot", "hellaswag", "squad", "coqa"}
+    assert out["core"] == pytest.approx(sum(r["centered"] for r in out["tasks"].values()) / 18)
+    assert all(r["n"] == 2 for r in out["tasks"].values())
+
+
+def test_eval_bundle_download_from_a_file_url(tmp_path, base_dir, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_LOCAL_DATA", raising=False)
+    bundle = tmp_path / "eval_bundle.zip"
+    with zipfile.ZipFile(bundle, "w") as z:
+        z.write(os.path.join(CORE, "commonsense_reasoning", "copa.jsonl"), "eval_bundle/eval_data/commonsense_reasoning/copa.jsonl")
+        z.write(os.path.join(CORE, "world_knowledge", "arc_easy.jsonl"), "eval_bundle/eval_data/world_knowledge/arc_easy.jsonl")
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", bundle.as_uri())
+    folder = core_data_dir()
+    assert os.path.exists(os.path.join(folder, "commonsense_reasoning", "copa.jsonl"))
+    assert core_data_dir() == folder  # second call: no download
+
+
+def test_base_eval_two_ranks_equal_one(tmp_path, tokenizer):
+    from dataclasses import asdict
+    from nanochat.checkpoint import save_checkpoint
+    base = tmp_path / "base"
+    tokenizer.save(str(base / "tokenizer"))
+    model = random_model(tokenizer.get_vocab_size())
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_LOCAL_DATA=SHARED_DATA, OMP_NUM_THREADS="1",
+               GLOO_SOCKET_IFNAME="lo")
+    old = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = str(base)
+    try:
+        save_checkpoint(str(base / "base_checkpoints" / "d2"), 1, model, [], {"model_config": asdict(model.config)})
+    finally:
+        os.environ.pop("NANOCHAT_BASE_DIR") if old is None else os.environ.__setitem__("NANOCHAT_BASE_DIR", old)
+    flags = ["-m", "scripts.base_eval", "--max-per-task", "5", "--dtype", "float32", "--batch-size", "8"]
+    one = subprocess.run([sys.executable, *flags], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", *flags], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=400)
+    assert two.returncode == 0, two.stderr[-3000:]
+    pick = lambda out: [l for l in out.splitlines() if "acc " in l or l.startswith("CORE (")]
+    lines_one, lines_two = pick(one.stdout), pick(two.stdout)
+    assert len(lines_one) == 19 and [l.split("[")[0] for l in lines_one] == [l.split("[")[0] for l in lines_two]
