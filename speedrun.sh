@@ -59,11 +59,11 @@ echo "== profile: $PROFILE ($GPUS GPUs, $NPROC processes per node), artifacts in
 if [ "$PROFILE" = full ]; then
     DEPTH=20; SEQ=2048; VOCAB=32768; TOK_CHARS=2000000000; DEVICE_BATCH=32; TOTAL_BATCH=524288
     FIRST_SHARDS=8; BASE_FLAGS=(--target-param-data-ratio 20)
-    EVAL_TOKENS=$((20 * 524288))
+    EVAL_TOKENS=$((20 * 524288)); CORE_MAX_PER_TASK=-1
 elif [ "$PROFILE" = tiny ]; then
-    DEPTH=4; SEQ=256; VOCAB=4096; TOK_CHARS=20000000; DEVICE_BATCH=16; TOTAL_BATCH=8192
-    FIRST_SHARDS=2; BASE_FLAGS=(--num-iterations 600 --head-dim 64 --eval-every 200 --sample-every 600 --save-every 200)
-    EVAL_TOKENS=$((32 * 256 * 16))
+    DEPTH=4; SEQ=256; VOCAB=4096; TOK_CHARS=20000000; DEVICE_BATCH=16; TOTAL_BATCH=4096
+    FIRST_SHARDS=2; BASE_FLAGS=(--num-iterations 300 --head-dim 64 --eval-every 100 --sample-every 300 --save-every 100)
+    EVAL_TOKENS=$((32 * 256 * 16)); CORE_MAX_PER_TASK=100
 else
     echo "error: NANOCHAT_PROFILE must be auto, tiny or full (got '$PROFILE')" >&2
     exit 1
@@ -159,6 +159,7 @@ stage base-train launch scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ"
     --model-tag "$TAG" ${RUN:+--run "$RUN"} "${BASE_FLAGS[@]}" $RESUME
 stage base-loss launch scripts.base_loss --model-tag "$TAG" --device-batch-size "$DEVICE_BATCH" \
     --split-tokens "$EVAL_TOKENS"
+stage base-eval launch scripts.base_eval --model-tag "$TAG" --max-per-task "$CORE_MAX_PER_TASK"
 
 # ------------------------------------------------------------------------------------------------
 # report card

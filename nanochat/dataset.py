@@ -360,12 +360,32 @@ GUTENBERG_START = re.compile(r"^\*\*\* ?START OF.*$", re.M | re.I)
 GUTENBERG_END = re.compile(r"^\*\*\* ?END OF", re.M | re.I)
 
 
+def _paragraphs(text, doc_chars):
+    """Blank-line-separated paragraphs; one longer than doc_chars is cut at line breaks, then at spaces."""
+    for paragraph in re.split(r"\n[ \t]*\n", text):
+        paragraph = paragraph.strip()
+        if len(paragraph) <= doc_chars:
+            if paragraph:
+                yield paragraph
+            continue
+        for line in paragraph.split("\n"):
+            line = line.strip()
+            while len(line) > doc_chars:
+                cut = line.rfind(" ", 0, doc_chars)
+                cut = cut if cut > 0 else doc_chars
+                yield line[:cut]
+                line = line[cut:].strip()
+            if line:
+                yield line
+
+
 def split_text(text, doc_chars=DOC_CHARS):
     """
     Documents of a plain-text file: the Gutenberg header/footer dropped when the markers are there,
     paragraphs (separated by blank lines) packed in order into documents of at most ~doc_chars, so a
     book becomes readable chunks rather than one huge document or thousands of one-line ones. A
-    paragraph longer than doc_chars stays whole.
+    paragraph longer than doc_chars (a file of one article per line, say) is cut at line breaks,
+    and a line longer than that at spaces.
     """
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if start := GUTENBERG_START.search(text):
@@ -373,10 +393,7 @@ def split_text(text, doc_chars=DOC_CHARS):
     if end := GUTENBERG_END.search(text):
         text = text[:end.start()]
     doc, size = [], 0
-    for paragraph in re.split(r"\n\s*\n", text):
-        paragraph = paragraph.strip()
-        if not paragraph:
-            continue
+    for paragraph in _paragraphs(text, doc_chars):
         if doc and size + 2 + len(paragraph) > doc_chars:
             yield "\n\n".join(doc)
             doc, size = [], 0
