@@ -198,3 +198,12 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     step = find_last_step(checkpoint_dir) if step is None else step
     print0(f"loading {checkpoint_dir} step {step}")
     return build_model(checkpoint_dir, step, device, phase)
+
+
+def add_checkpoint_args(parser, default_source="base"):
+    """The flags every checkpoint-loading script shares: which checkpoint, and where/how to run it."""
+    parser.add_argument("-i", "--source", default=default_source, choices=list(SOURCES), help="which stage's checkpoint")
+    parser.add_argument("--model-tag", default=None, help="default: the largest model of that stage")
+    parser.add_argument("--step", type=int, default=None, help="default: the last step")
+    parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    parser.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")

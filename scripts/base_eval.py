@@ -11,7 +11,7 @@ import csv
 import os
 import time
 
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import add_checkpoint_args, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype, print0
 from nanochat.core_eval import evaluate_core
 from nanochat.report import get_report
@@ -20,14 +20,10 @@ from nanochat.report import get_report
 def main(argv=None):
     p = argparse.ArgumentParser(description="CORE metric and bits per byte of a checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--source", default="base", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
-    p.add_argument("--model-tag", default=None, help="default: the largest model of that stage")
-    p.add_argument("--step", type=int, default=None, help="default: the last step")
+    add_checkpoint_args(p, default_source="base")
     p.add_argument("--max-per-task", type=int, default=-1, help="first N items of each task (-1: all)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     p.add_argument("--bpb-tokens", type=int, default=0, help="also evaluate val bits per byte on this many tokens (0: skip)")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
-    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     args = p.parse_args(argv)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     autocast = autocast_ctx(device.type, parse_dtype(args.dtype, device.type))

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import add_checkpoint_args, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, parse_dtype, print0
 from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
@@ -23,11 +23,7 @@ PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yes
 def main(argv=None):
     p = argparse.ArgumentParser(description="Bits per byte on the train and val shards, and samples.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--source", default="base", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
-    p.add_argument("--model-tag", default=None, help="default: the largest model of that stage")
-    p.add_argument("--step", type=int, default=None, help="default: the last step")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
-    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    add_checkpoint_args(p, default_source="base")
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass")
     p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens to evaluate per split")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")

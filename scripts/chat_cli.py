@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import add_checkpoint_args, load_model
 from nanochat.common import autocast_ctx, autodetect_device_type, parse_dtype
 from nanochat.engine import Engine, Utf8Stream
 
@@ -20,16 +20,12 @@ from nanochat.engine import Engine, Utf8Stream
 def main(argv=None):
     p = argparse.ArgumentParser(description="Chat with a trained model in the terminal.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
-    p.add_argument("--model-tag", default=None, help="default: the largest model of that stage")
-    p.add_argument("--step", type=int, default=None, help="default: the last step")
+    add_checkpoint_args(p, default_source="sft")
     p.add_argument("-p", "--prompt", default=None, help="ask one question, print the answer, exit")
     p.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("-k", "--top-k", type=int, default=50, help="sample from the k likeliest tokens (0 = all)")
     p.add_argument("-m", "--max-tokens", type=int, default=512, help="longest reply, in tokens")
     p.add_argument("--seed", type=int, default=42, help="sampling seed")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
-    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     args = p.parse_args(argv)
     if args.temperature < 0 or args.top_k < 0 or args.max_tokens < 1:
         p.error("--temperature and --top-k must be >= 0 and --max-tokens >= 1")

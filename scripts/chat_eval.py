@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import add_checkpoint_args, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, parse_dtype, print0
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -97,9 +97,7 @@ def run_generative(task, engine, tokenizer, indices, num_samples, max_new_tokens
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a chat model on the chat tasks; ChatCORE.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
-    p.add_argument("--model-tag", default=None, help="default: the largest model of that stage")
-    p.add_argument("--step", type=int, default=None, help="default: the last step")
+    add_checkpoint_args(p, default_source="sft")
     p.add_argument("-a", "--tasks", default=DEFAULT_TASKS, help="'|'-separated task names")
     p.add_argument("--max-problems", type=int, default=-1, help="evaluate at most this many problems per task (-1: all)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per generative problem (pass@k)")
@@ -107,8 +105,6 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="sampling top-k (0 = all)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass for categorical tasks")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
-    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     args = p.parse_args(argv)
     registry = task_registry()
     names = [n.strip() for n in args.tasks.split("|") if n.strip()]
