@@ -85,10 +85,11 @@ class KVCache:
         return other
 
 
-def sample_next(logits, generators, temperature=1.0, top_k=None):
+def sample_next(logits, generators, temperature=1.0, top_k=None, top_p=None):
     """
     logits (B, V) -> (B,) token ids. temperature 0 = greedy. top_k None or 0 = no cut; top_k larger
-    than the vocabulary is clamped to it. Each row draws from its own generator.
+    than the vocabulary is clamped to it. top_p (nucleus) keeps the smallest set of likeliest tokens
+    whose probability reaches top_p (None or 1 = all). Each row draws from its own generator.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -100,6 +101,12 @@ def sample_next(logits, generators, temperature=1.0, top_k=None):
         kth = torch.topk(logits, k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens before it already reach top_p (the first token always stays)
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).view(1) for i, g in enumerate(generators)])
 
 
@@ -171,7 +178,7 @@ class Engine:
         return [self.output_start] + self.tokenizer.encode(str(result)) + [self.output_end]
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
         """Yields (column, forced): one new token per row (None for rows already finished) and 0/1 forced flags."""
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("generate takes a non-empty list of int token ids")
@@ -187,7 +194,7 @@ class Engine:
         cache = prefill_cache.replicate(num_samples, len(tokens) + budget) if num_samples > 1 else prefill_cache
         rows = [RowState() for _ in range(num_samples)]
         for _ in range(budget):
-            sampled = sample_next(logits, generators, temperature, top_k).tolist()
+            sampled = sample_next(logits, generators, temperature, top_k, top_p).tolist()
             column, forced = [], []
             for i, row in enumerate(rows):
                 if row.done:

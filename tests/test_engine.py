@@ -95,6 +95,11 @@ def test_sampling_edge_cases():
         assert 0 <= sample_next(logits, g, temperature=1.0, top_k=top_k).item() < 4
     with pytest.raises(ValueError):
         sample_next(logits, g, temperature=-1)
+    # top_p: probabilities ~ [0.006, 0.930, 0.017, 0.046]; 0.5 keeps only the likeliest, 0.95 the top two
+    draws = {sample_next(logits, g, temperature=1.0, top_p=0.5).item() for _ in range(50)}
+    assert draws == {1}
+    draws = {sample_next(logits, g, temperature=1.0, top_p=0.95).item() for _ in range(400)}
+    assert draws == {1, 3}
 
 
 class ScriptedModel(torch.nn.Module):
