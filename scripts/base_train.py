@@ -375,6 +375,9 @@ def main(argv=None):
         }])
     wandb_run.finish()
     compute_cleanup()
+    if stop_requested["signal"] is not None and step != num_iterations:
+        # saved and stopped early: exit like a killed process, so pipelines do not mark the stage done
+        raise SystemExit(128 + stop_requested["signal"])
 
 
 def peak_memory_mib(device):

@@ -51,5 +51,10 @@ class HumanEval(Task):
         return f"{imports}\n{code}\n\n{conversation['test']}\n\ncheck({conversation['entry_point']})\n"
 
     def evaluate(self, conversation, completion):
+        """Passes only if the tests ran to the end: a completion that exits early (sys.exit(0)) fails."""
+        import secrets
         from nanochat.execution import execute_code
-        return int(execute_code(self.program(conversation, completion), timeout=self.timeout).success)
+        nonce = secrets.token_hex(8)
+        program = self.program(conversation, completion) + f"print({nonce!r})\n"
+        result = execute_code(program, timeout=self.timeout)
+        return int(result.success and result.stdout.rstrip().endswith(nonce))

@@ -188,6 +188,9 @@ def test_humaneval_in_the_sandbox():
     with ThreadPoolExecutor(2) as pool:
         nones = list(pool.map(none_answer, conversations))
     assert sum(nones) == 0
+    # exiting before the tests run is not a pass
+    header = conversations[0]["prompt"]
+    assert not task.evaluate(conversations[0], f"```python\nimport sys\nsys.exit(0)\n{header}    pass\n```")
     slow = HumanEval(timeout=2)
     import time
     t0 = time.time()

@@ -1,0 +1,277 @@
+"""The chat server: validation (TestClient), a real uvicorn server driven by the openai client, concurrency,
+queue overflow, disconnects, UTF-8-safe streaming, and the page in a real headless Chromium."""
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from conftest import SHARED_DATA
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import RustBPETokenizer
+from scripts.chat_web import Limits, Worker, create_app
+from test_engine import ScriptedModel
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    with open(os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
+        text = f.read()[:100_000]
+    return RustBPETokenizer.train_from_iterator(iter([text[i:i + 1000] for i in range(0, len(text), 1000)]), 400)
+
+
+def random_worker(tokenizer, index=0):
+    torch.manual_seed(index)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return Worker(index, Engine(model.eval(), tokenizer, calculator=lambda e: "0"), tokenizer)
+
+
+class SlowScripted(ScriptedModel):
+    def __init__(self, *args, delay=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay = delay
+
+    def forward(self, idx, kv_cache=None):
+        time.sleep(self.delay)
+        return super().forward(idx, kv_cache)
+
+
+def scripted_worker(tokenizer, text, delay=0.0, repeat=1):
+    ranks = tokenizer.get_mergeable_ranks()
+    script = [ranks[bytes([b])] for b in text.encode("utf-8")] * repeat + [tokenizer.encode_special("<|assistant_end|>")]
+    model = SlowScripted(tokenizer.get_vocab_size(), script, script[-1:], output_end=-1, delay=delay)
+    return Worker(0, Engine(model, tokenizer, calculator=lambda e: "0"), tokenizer)
+
+
+def chat(messages, **kw):
+    return dict(messages=messages, **kw)
+
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    (b"{not json", 400, "malformed JSON"),
+    (chat([]), 400, "non-empty list"),
+    (chat([{"role": "wizard", "content": "hi"}]), 400, "unknown role"),
+    (chat([{"role": "user", "content": 5}]), 400, "string 'content'"),
+    (chat([{"role": "user", "content": "x" * 9000}]), 400, "the limit is 8000"),
+    (chat([{"role": "user", "content": "x" * 7000}, {"role": "assistant", "content": "y" * 7000}] * 3
+          + [{"role": "user", "content": "z" * 7000}]), 400, "the limit is 32000"),
+    (chat([{"role": "user", "content": "hi"}] * 65), 400, "too many messages"),
+    (chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]), 400, "last message must be from the user"),
+    (chat(HELLO, temperature=3), 400, "'temperature' must be between"),
+    (chat(HELLO, temperature="hot"), 400, "'temperature' must be a number"),
+    (chat(HELLO, top_k=-1), 400, "'top_k' must be between"),
+    (chat(HELLO, top_k=2.5), 400, "'top_k' must be an integer"),
+    (chat(HELLO, max_tokens=0), 400, "'max_tokens' must be between"),
+    (chat(HELLO, max_tokens=10**6), 400, "'max_tokens' must be between"),
+    (chat(HELLO, top_p=0), 400, "'top_p' must be between"),
+    (chat(HELLO, n=2, stream=True), 400, "n = 1"),
+    (chat(HELLO, stop=[1, 2]), 400, "'stop'"),
+])
+def test_validation(tokenizer, body, status, needle):
+    client = TestClient(create_app([random_worker(tokenizer)]))
+    for path in ("/v1/chat/completions", "/chat/completions"):
+        data = body if isinstance(body, bytes) else json.dumps(body)
+        r = client.post(path, content=data, headers={"Content-Type": "application/json"})
+        assert r.status_code == status, (path, r.text)
+        assert needle in r.json()["error"]["message"], r.json()
+
+
+def test_api_key(tokenizer):
+    client = TestClient(create_app([random_worker(tokenizer)], api_key="s3cret"))
+    body = chat(HELLO, max_tokens=3)
+    assert client.post("/v1/chat/completions", json=body).status_code == 401
+    assert client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/v1/models").status_code == 401
+    ok = client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_non_streaming_shape_stop_and_n(tokenizer):
+    client = TestClient(create_app([scripted_worker(tokenizer, "Hello there. General Kenobi!")]))
+    r = client.post("/v1/chat/completions", json=chat(HELLO, temperature=0)).json()
+    assert r["object"] == "chat.completion" and r["choices"][0]["message"]["content"] == "Hello there. General Kenobi!"
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+    r = client.post("/v1/chat/completions", json=chat(HELLO, temperature=0, stop=". G")).json()
+    assert r["choices"][0]["message"]["content"] == "Hello there" and r["choices"][0]["finish_reason"] == "stop"
+    r = client.post("/v1/chat/completions", json=chat(HELLO, temperature=0, max_tokens=5)).json()
+    assert r["choices"][0]["message"]["content"] == "Hello" and r["choices"][0]["finish_reason"] == "length"
+    random_client = TestClient(create_app([random_worker(tokenizer)]))
+    r = random_client.post("/v1/chat/completions", json=chat(HELLO, n=3, max_tokens=6, seed=1)).json()
+    assert len(r["choices"]) == 3 and [c["index"] for c in r["choices"]] == [0, 1, 2]
+    assert random_client.get("/v1/models").json()["data"][0]["object"] == "model"
+    page = random_client.get("/")
+    assert page.status_code == 200 and "<textarea" in page.text and "innerHTML" not in page.text
+
+
+class Server:
+    """A real uvicorn server on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app):
+        import uvicorn
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("uvicorn did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+
+def test_openai_client_streaming_and_utf8(tokenizer):
+    import openai
+    text = "Hi 😀 你好, naïve ∑ 🙂!"
+    with Server(create_app([scripted_worker(tokenizer, text)], model_name="stub")) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        full = client.chat.completions.create(model="stub", messages=HELLO, temperature=0)
+        assert full.choices[0].message.content == text and full.choices[0].finish_reason == "stop"
+        pieces = []
+        for chunk in client.chat.completions.create(model="stub", messages=HELLO, temperature=0, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+        assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces) and len(pieces) > 3
+        # the page's endpoint: SSE events carry whole characters only
+        tokens = []
+        with httpx.stream("POST", server.url + "/chat/completions", json=chat(HELLO), timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    tokens.append(event.get("token", ""))
+        assert "".join(tokens) == text and not any("\ufffd" in t for t in tokens)
+
+
+def test_sixteen_concurrent_streams(tokenizer):
+    import openai
+    workers = [random_worker(tokenizer, 0), random_worker(tokenizer, 1)]
+    with Server(create_app(workers, Limits(max_queue=32))) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        results, errors = [None] * 16, []
+
+        def one(i):
+            try:
+                text = ""
+                for chunk in client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"hi {i}"}],
+                                                            max_tokens=12, stream=True, seed=i):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        text += chunk.choices[0].delta.content
+                results[i] = text
+            except Exception as e:  # collected, asserted below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors and all(r is not None for r in results)
+        stats = httpx.get(server.url + "/stats").json()
+        assert stats["served"] == 16 and stats["busy"] == 0
+
+
+def test_queue_overflow_and_disconnect_free_the_worker(tokenizer):
+    slow = scripted_worker(tokenizer, "slow reply ", delay=0.05, repeat=200)
+    with Server(create_app([slow], Limits(max_queue=0, max_tokens=4096))) as server:
+        body = chat(HELLO, max_tokens=2000, temperature=0)
+        with httpx.Client(timeout=30) as c, c.stream("POST", server.url + "/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # one iterator: dropping one closes the stream (a disconnect)
+            next(lines)  # generation has started: the only worker is busy
+            assert httpx.get(server.url + "/stats").json()["busy"] == 1
+            busy = httpx.post(server.url + "/v1/chat/completions", json=chat(HELLO, max_tokens=5), timeout=30)
+            assert busy.status_code == 503 and "server busy" in busy.json()["error"]["message"]
+        # the client went away mid-stream: its generation stops and the worker is free again
+        for _ in range(100):
+            if httpx.get(server.url + "/stats").json()["busy"] == 0:
+                break
+            time.sleep(0.1)
+        assert httpx.get(server.url + "/stats").json() == {**httpx.get(server.url + "/stats").json(), "busy": 0}
+        assert httpx.post(server.url + "/v1/chat/completions", json=chat(HELLO, max_tokens=3), timeout=30).status_code == 200
+
+
+def chromium_driver():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium/chromedriver are missing under CI (install the Debian packages chromium chromium-driver)")
+        pytest.skip("no chromium/chromedriver on this machine (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=900,700"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_page_in_headless_chromium(tokenizer, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    hostile = 'Hello! <img src=x onerror="window.__pwned=1"><script>window.__pwned=1</script> bye'
+    driver = chromium_driver()
+    try:
+        with Server(create_app([scripted_worker(tokenizer, hostile, delay=0.01)])) as server:
+            driver.get(server.url + "/")
+            box = driver.find_element(By.ID, "input")
+            box.send_keys("Say something")
+            driver.find_element(By.ID, "send").click()
+            wait = WebDriverWait(driver, 30)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant .bubble")) == 1
+                       and d.find_element(By.CSS_SELECTOR, ".msg.assistant .bubble").text.endswith("bye"))
+            reply = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .bubble")
+            assert reply.text == hostile  # shown as literal text
+            assert driver.execute_script("return window.__pwned") is None  # and nothing ran
+            assert not driver.find_elements(By.CSS_SELECTOR, ".msg.assistant img, .msg.assistant script")
+            assert driver.find_element(By.CSS_SELECTOR, ".msg.user .bubble").text == "Say something"
+            shot = tmp_path / "web_chat.png"
+            driver.save_screenshot(str(shot))
+            assert shot.stat().st_size > 1000
+            try:
+                shutil.copy(shot, "/tmp/nanochat_web_screenshot.png")
+            except OSError:
+                pass
+    finally:
+        driver.quit()
+
+
+def test_server_errors_are_shown_on_the_page(tokenizer):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    driver = chromium_driver()
+    try:
+        with Server(create_app([random_worker(tokenizer)], Limits(max_message_chars=10))) as server:
+            driver.get(server.url + "/")
+            driver.find_element(By.ID, "input").send_keys("this message is far too long")
+            driver.find_element(By.ID, "send").click()
+            WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error .bubble"))
+            assert "the limit is 10" in driver.find_element(By.CSS_SELECTOR, ".msg.error .bubble").text
+    finally:
+        driver.quit()
