@@ -1,0 +1,111 @@
+"""
+Serving under load: N concurrent streaming clients against a real uvicorn server on loopback
+(scripts.chat_web with a random depth-4 model, one CPU worker per --workers), each sending
+--requests requests. Prints requests/s, time to first token p50/p95, tokens/s and errors; the last
+line is a JSON object with every figure.
+
+    python -m bench.serve --clients 8 --requests 4
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import threading
+import time
+
+import httpx
+import torch
+
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, config_for_depth
+from nanochat.tokenizer import RustBPETokenizer
+from scripts.chat_web import Limits, Worker, create_app
+
+TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data",
+                    "pretrain", "tinyshakespeare", "input.txt")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=4, help="requests per client")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--depth", type=int, default=4)
+    args = p.parse_args()
+    import uvicorn
+    with open(TEXT, encoding="utf-8") as f:
+        text = f.read()
+    tokenizer = RustBPETokenizer.train_from_iterator(iter([text[i:i + 2000] for i in range(0, len(text), 2000)]), 4096)
+    workers = []
+    for i in range(args.workers):
+        torch.manual_seed(i)
+        model = GPT(config_for_depth(args.depth, tokenizer.get_vocab_size(), 1024, head_dim=64))
+        model.init_weights()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0, 0.02)
+            specials = [tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()]
+            model.lm_head.weight[specials] = 0  # replies run to max_tokens: a fixed amount of work per request
+        workers.append(Worker(i, Engine(model.eval(), tokenizer, calculator=lambda e: "0"), tokenizer))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(workers, Limits(max_queue=4 * args.clients)), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    ttfts, errors, tokens = [], [], [0]
+    lock = threading.Lock()
+
+    def client(c):
+        with httpx.Client(timeout=600) as http:
+            for r in range(args.requests):
+                body = {"messages": [{"role": "user", "content": f"Tell me a story, number {c}-{r}."}],
+                        "max_tokens": args.max_tokens, "stream": True, "temperature": 0.8, "seed": c * 100 + r}
+                t0 = time.perf_counter()
+                first = None
+                try:
+                    with http.stream("POST", url, json=body) as response:
+                        if response.status_code != 200:
+                            raise RuntimeError(f"HTTP {response.status_code}")
+                        for line in response.iter_lines():
+                            if line.startswith("data: {") and '"content": "' in line and first is None:
+                                first = time.perf_counter() - t0
+                            if line.startswith("data: {") and '"content"' in line:
+                                with lock:
+                                    tokens[0] += 1
+                    with lock:
+                        ttfts.append(first if first is not None else float("nan"))
+                except Exception as e:  # counted and reported
+                    with lock:
+                        errors.append(repr(e))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    server.should_exit = True
+    done = len(ttfts)
+    q = statistics.quantiles(ttfts, n=20) if len(ttfts) >= 2 else [float("nan")] * 19
+    result = {"clients": args.clients, "requests": done, "errors": len(errors), "wall_s": wall,
+              "requests_per_s": done / wall, "ttft_p50_s": statistics.median(ttfts) if ttfts else float("nan"),
+              "ttft_p95_s": q[18], "stream_chunks_per_s": tokens[0] / wall, "workers": args.workers}
+    print("| clients | workers | requests | errors | requests/s | TTFT p50 s | TTFT p95 s | streamed chunks/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {args.clients} | {args.workers} | {done} | {len(errors)} | {result['requests_per_s']:.2f} | "
+          f"{result['ttft_p50_s']:.2f} | {result['ttft_p95_s']:.2f} | {result['stream_chunks_per_s']:.0f} |")
+    if errors:
+        print("errors:", errors[:5])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
