@@ -74,11 +74,15 @@ def main():
                         if response.status_code != 200:
                             raise RuntimeError(f"HTTP {response.status_code}")
                         for line in response.iter_lines():
-                            if line.startswith("data: {") and '"content": "' in line and first is None:
-                                first = time.perf_counter() - t0
-                            if line.startswith("data: {") and '"content"' in line:
-                                with lock:
-                                    tokens[0] += 1
+                            if not line.startswith("data: {"):
+                                continue
+                            choices = json.loads(line[6:]).get("choices") or [{}]
+                            if not choices[0].get("delta", {}).get("content"):
+                                continue  # the opening role chunk, the closing finish chunk
+                            if first is None:
+                                first = time.perf_counter() - t0  # includes any wait for a free worker
+                            with lock:
+                                tokens[0] += 1
                     with lock:
                         ttfts.append(first if first is not None else float("nan"))
                 except Exception as e:  # counted and reported

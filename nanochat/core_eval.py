@@ -137,23 +137,26 @@ def tokenize_pairs(tokenizer, prefixes, continuations, max_len):
 
 @torch.no_grad()
 def score_sequences(model, sequences, pad_id, batch_size=32):
-    """For each (ids, start, end): (mean loss over [start, end), all continuation tokens are argmax)."""
+    """For each (ids, start, end): (mean loss over [start, end), all continuation tokens are argmax).
+    Sequences are batched in length order (little padding), results returned in input order."""
     device = model.get_device()
-    results = []
-    for b in range(0, len(sequences), batch_size):
-        chunk = sequences[b:b + batch_size]
-        T = max(len(ids) for ids, _, _ in chunk)
+    results = [None] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+    for b in range(0, len(order), batch_size):
+        chunk = order[b:b + batch_size]
+        T = max(len(sequences[i][0]) for i in chunk)
         x = torch.full((len(chunk), T), pad_id, dtype=torch.long, device=device)
-        for r, (ids, _, _) in enumerate(chunk):
+        for r, i in enumerate(chunk):
+            ids = sequences[i][0]
             x[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        logits = model(x).float()  # (B, T, V); padding is on the right, so causality keeps it harmless
-        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1),
-                                 reduction="none").view(len(chunk), T - 1)
-        predicted = logits[:, :-1].argmax(dim=-1)
-        for r, (ids, start, end) in enumerate(chunk):
-            # token t is predicted at position t - 1
-            span = slice(start - 1, end - 1)
-            results.append((losses[r, span].mean().item(), bool((predicted[r, span] == x[r, start:end]).all())))
+        logits = model(x)  # (B, T, V); padding is on the right, so causality keeps it harmless
+        for r, i in enumerate(chunk):
+            _, start, end = sequences[i]
+            # token t is predicted at position t - 1; only the continuation's positions are scored
+            span_logits = logits[r, start - 1:end - 1].float()
+            targets = x[r, start:end]
+            loss = F.cross_entropy(span_logits, targets).item()
+            results[i] = (loss, bool((span_logits.argmax(dim=-1) == targets).all()))
     return results
 
 
