@@ -60,10 +60,12 @@ if [ "$PROFILE" = full ]; then
     DEPTH=20; SEQ=2048; VOCAB=32768; TOK_CHARS=2000000000; DEVICE_BATCH=32; TOTAL_BATCH=524288
     FIRST_SHARDS=8; BASE_FLAGS=(--target-param-data-ratio 20)
     EVAL_TOKENS=$((20 * 524288)); CORE_MAX_PER_TASK=-1
+    MID_FLAGS=(); CHAT_EVAL_FLAGS=()
 elif [ "$PROFILE" = tiny ]; then
     DEPTH=4; SEQ=256; VOCAB=4096; TOK_CHARS=20000000; DEVICE_BATCH=16; TOTAL_BATCH=4096
     FIRST_SHARDS=2; BASE_FLAGS=(--num-iterations 300 --head-dim 64 --eval-every 100 --sample-every 300 --save-every 100)
     EVAL_TOKENS=$((32 * 256 * 16)); CORE_MAX_PER_TASK=100
+    MID_FLAGS=(--num-iterations 150 --eval-every 50); CHAT_EVAL_FLAGS=(--max-problems 50 --max-new-tokens 256)
 else
     echo "error: NANOCHAT_PROFILE must be auto, tiny or full (got '$PROFILE')" >&2
     exit 1
@@ -160,6 +162,13 @@ stage base-train launch scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ"
 stage base-loss launch scripts.base_loss --model-tag "$TAG" --device-batch-size "$DEVICE_BATCH" \
     --split-tokens "$EVAL_TOKENS"
 stage base-eval launch scripts.base_eval --model-tag "$TAG" --max-per-task "$CORE_MAX_PER_TASK"
+
+# ------------------------------------------------------------------------------------------------
+# midtraining (chat format, tool use, multiple choice) and its chat evaluation
+RESUME=$(resume_flag "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG" mid-train)
+stage mid-train launch scripts.mid_train --model-tag "$TAG" --device-batch-size "$DEVICE_BATCH" \
+    --total-batch-size "$TOTAL_BATCH" --eval-tokens "$EVAL_TOKENS" ${RUN:+--run "$RUN-mid"} "${MID_FLAGS[@]}" $RESUME
+stage mid-eval launch scripts.chat_eval -i mid --model-tag "$TAG" "${CHAT_EVAL_FLAGS[@]}"
 
 # ------------------------------------------------------------------------------------------------
 # report card

@@ -1,0 +1,248 @@
+"""
+Midtraining: continue pretraining the base model on conversations, so it learns the chat format,
+the special tokens, multiple choice and calculator tool use.
+
+    python -m scripts.mid_train                        # the largest base model -> mid_checkpoints/<same tag>
+    torchrun --standalone --nproc_per_node=8 -m scripts.mid_train
+
+Every conversation of the mixture is rendered with render_conversation (BOS first) and the whole
+mixture is packed best-fit into rows of max_seq_len + 1 tokens once, deterministically; step s uses
+rows [s * rows_per_step, (s + 1) * rows_per_step), so a resume needs only the step. The loss is on
+every token (this is still pretraining, on chat-shaped text). The LR is flat, then decays linearly to
+0 over the last --warmdown-ratio of the steps.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import (SOURCES, add_checkpoint_args, find_last_step, load_checkpoint, load_model,
+                                 save_checkpoint)
+from nanochat.common import (DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype,
+                             print0)
+from nanochat.dataloader import pack_rows
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import lr_multiplier, muon_momentum
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+
+IDENTITY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "data",
+                             "identity_conversations.jsonl")
+
+
+def build_mixture(split):
+    """(name, task) pairs of the midtraining mixture; offline the general chat share is SGD + Self-Instruct."""
+    from tasks.customjson import CustomJSON
+    from tasks.gsm8k import GSM8K
+    from tasks.mmlu import MMLU
+    from tasks.smoltalk import SmolTalk
+    from tasks.spellingbee import SimpleSpelling, SpellingBee
+    if split == "train":
+        parts = [("general chat", SmolTalk("train")), ("MMLU auxiliary", MMLU("auxiliary_train", "train")),
+                 ("GSM8K", GSM8K("main", "train")), ("SpellingBee", SpellingBee(2000, "train")),
+                 ("SimpleSpelling", SimpleSpelling(1000, "train"))]
+        if os.path.exists(IDENTITY_FILE):
+            parts.append(("identity", CustomJSON(IDENTITY_FILE)))
+    else:
+        parts = [("general chat", SmolTalk("test")), ("MMLU", MMLU("all", "validation")[:300]),
+                 ("GSM8K", GSM8K("main", "test")[:300]), ("SpellingBee", SpellingBee(200, "test"))]
+    return parts
+
+
+def pack_mixture(parts, tokenizer, row_len, seed):
+    """All conversations rendered and packed into rows (a long tensor (N, row_len)), and counts."""
+    from tasks.common import TaskMixture
+    mixture = TaskMixture([task for _, task in parts], seed=seed)
+    docs, too_long = [], 0
+    for i in range(len(mixture)):
+        ids, _ = tokenizer.render_conversation(mixture[i], max_tokens=None)
+        if len(ids) > row_len:
+            too_long += 1  # cropped by the packer, counted here so the log says how many
+        docs.append(ids)
+    rows, cropped = pack_rows(docs, row_len)
+    return torch.tensor(rows, dtype=torch.long), {"conversations": len(docs), "too long": too_long,
+                                                   "cropped tokens": cropped}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Midtrain a base model on conversations.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_checkpoint_args(p, default_source="base")
+    p.add_argument("--out-tag", default=None, help="tag of the mid checkpoint (default: the input's tag)")
+    p.add_argument("--run", default=None, help="wandb run name (no wandb when unset)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per device")
+    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all ranks")
+    p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one pass over the mixture)")
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--init-lr-frac", type=float, default=1.0, help="LR as a share of the base run's")
+    p.add_argument("--warmdown-ratio", type=float, default=0.2, help="share of steps of linear decay to 0")
+    p.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (-1: end only)")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: end only)")
+    p.add_argument("--resume", action="store_true", help="continue the latest mid checkpoint of --out-tag")
+    p.add_argument("--stop-after-step", type=int, default=-1, help="save and exit at this step")
+    p.add_argument("--seed", type=int, default=7, help="mixture shuffle seed (positive)")
+    args = p.parse_args(argv)
+    if args.seed <= 0:
+        p.error("--seed must be positive (seeds 1 and -1 give the same Python stream)")
+
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    master = rank == 0
+    dtype = parse_dtype(args.dtype, device.type)
+    autocast = autocast_ctx(device.type, dtype)
+    try:
+        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    T = args.max_seq_len or model.config.sequence_len
+    out_tag = args.out_tag or args.model_tag or meta.get("flags", {}).get("model_tag") or f"d{model.config.n_layer}"
+    checkpoint_dir = os.path.join(get_base_dir(), SOURCES["mid"], out_tag)
+    print0(f"flags: {vars(args)}")
+
+    t0 = time.time()
+    train_parts, val_parts = build_mixture("train"), build_mixture("val")
+    for name, task in train_parts:
+        print0(f"mixture: {name:<16} {len(task):>7,} conversations")
+    train_rows, train_counts = pack_mixture(train_parts, tokenizer, T + 1, args.seed)
+    val_rows, val_counts = pack_mixture(val_parts, tokenizer, T + 1, args.seed + 1)
+    print0(f"packed {train_counts['conversations']:,} conversations into {len(train_rows):,} rows of {T + 1} tokens "
+           f"({train_counts['too long']} longer than a row were cropped; {train_counts['cropped tokens']:,} tokens dropped) "
+           f"in {time.time() - t0:.1f}s; val {len(val_rows):,} rows")
+
+    tokens_per_micro = args.device_batch_size * T
+    if args.total_batch_size % (tokens_per_micro * world_size):
+        raise SystemExit(f"error: --total-batch-size {args.total_batch_size} is not a multiple of device_batch_size * "
+                         f"max_seq_len * world_size = {tokens_per_micro * world_size}")
+    grad_accum = args.total_batch_size // (tokens_per_micro * world_size)
+    rows_per_step = args.total_batch_size // T
+    one_pass = len(train_rows) // rows_per_step
+    num_iterations = args.num_iterations if args.num_iterations > 0 else one_pass
+    if num_iterations < 1:
+        raise SystemExit(f"error: the mixture packs into {len(train_rows)} rows, fewer than one step "
+                         f"({rows_per_step} rows); lower --total-batch-size")
+    print0(f"steps: {num_iterations} x {args.total_batch_size:,} tokens ({num_iterations / max(one_pass, 1):.2f} passes); "
+           f"grad accumulation {grad_accum} x world size {world_size}")
+
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                        matrix_lr=args.matrix_lr, ns_dtype=dtype)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = group["initial_lr"] * args.init_lr_frac
+    loop = {"step": 0, "smooth_loss": 0.0, "train_time": 0.0, "val_bpb": None}
+    if args.resume:
+        step = find_last_step(checkpoint_dir)
+        state, optim_states, _, ck_meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+        model.load_state_dict(state, strict=True)
+        for opt, s in zip(optimizers, optim_states):
+            opt.load_state_dict(s)
+        loop = ck_meta["loop"]
+        print0(f"resumed from {checkpoint_dir} step {step}")
+    token_bytes = get_token_bytes(device=device)
+    wandb_run = DummyWandb()
+    if args.run and master:
+        import wandb
+        wandb_run = wandb.init(project="nanochat-mid", name=args.run, config=vars(args))
+
+    def batch_rows(step, k):
+        """Rows of micro-step k on this rank at `step` (cycling over the packed mixture)."""
+        first = step * rows_per_step + (rank * grad_accum + k) * args.device_batch_size
+        idx = torch.arange(first, first + args.device_batch_size) % len(train_rows)
+        rows = train_rows[idx].to(device)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def val_batches():
+        i = rank * args.device_batch_size
+        while True:
+            idx = torch.arange(i, i + args.device_batch_size) % len(val_rows)
+            rows = val_rows[idx].to(device)
+            yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+            i += world_size * args.device_batch_size
+
+    def append_metrics(record):
+        if master:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            with open(os.path.join(checkpoint_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(step):
+        save_checkpoint(checkpoint_dir, step, model, optimizers,
+                        {"model_config": vars(model.config), "flags": vars(args), "loop": dict(loop, step=step),
+                         "val_bpb": loop["val_bpb"], "source": args.source, "source_step": meta["step"]})
+        print0(f"saved checkpoint {checkpoint_dir} step {step}")
+
+    step, start_step = loop["step"], loop["step"]
+    while True:
+        last = step == num_iterations
+        stopping = step == args.stop_after_step
+        if step != start_step and (last or stopping or (args.save_every > 0 and step % args.save_every == 0)):
+            save(step)
+        if stopping and not last:
+            print0(f"stopped at step {step} (resume with --resume)")
+            break
+        if last or (args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
+            loop["val_bpb"] = evaluate_bpb(model, val_batches(), steps, token_bytes, autocast=autocast)
+            model.train()
+            print0(f"step {step:05d} | val bpb {loop['val_bpb']:.4f}")
+            append_metrics({"step": step, "val_bpb": loop["val_bpb"]})
+            wandb_run.log({"step": step, "val/bpb": loop["val_bpb"]})
+        if last:
+            break
+        t0 = time.time()
+        lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for group in optimizers[1].param_groups:
+            group["momentum"] = muon_momentum(step)
+        step_loss = torch.zeros((), device=device)
+        for k in range(grad_accum):
+            x, y = batch_rows(step, k)
+            with autocast:
+                loss = model(x, y)
+            step_loss += loss.detach()
+            (loss / grad_accum).backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        step_loss /= grad_accum
+        if ddp:
+            dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)
+            step_loss /= world_size
+        loss_value = step_loss.item()
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"error: loss is {loss_value} at step {step}")
+        dt = time.time() - t0
+        step += 1
+        loop["step"] = step
+        loop["train_time"] += dt
+        loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * loss_value
+        smooth = loop["smooth_loss"] / (1 - 0.9 ** step)
+        tokens_per_s = args.total_batch_size / dt
+        eta = loop["train_time"] / max(step - start_step, 1) * (num_iterations - step)
+        print0(f"step {step:05d}/{num_iterations:05d} | loss {smooth:.4f} | lrm {lrm:.3f} | tok/s {tokens_per_s:,.0f} | "
+               f"elapsed {loop['train_time'] / 60:.1f} m | ETA {eta / 60:.1f} m")
+        append_metrics({"step": step, "loss": loss_value, "smooth_loss": smooth, "lrm": lrm, "tokens_per_s": tokens_per_s})
+        wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm})
+
+    if step == num_iterations and master:
+        get_report().log("Midtraining", [vars(args), {
+            "source step": meta["step"], "conversations": train_counts["conversations"], "rows": len(train_rows),
+            "conversations longer than a row": train_counts["too long"], "steps": num_iterations,
+            "final val bpb": loop["val_bpb"], "training time (min)": loop["train_time"] / 60},
+            "mixture: " + ", ".join(f"{name} {len(task):,}" for name, task in train_parts)])
+    wandb_run.finish()
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()
