@@ -129,8 +129,11 @@ def compute_init(device_type=None):
 
 
 def compute_cleanup():
+    """Leave the process group together: a rank that tears down while another still works (rank 0
+    sampling, writing the report) can abort the job in gloo."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
