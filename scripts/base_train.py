@@ -46,7 +46,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default=None, help="wandb run name (no wandb when unset)")
     p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on cuda/cpu), float32 or bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, and on CPUs whose bf16 matmuls measure faster), float32 or bfloat16")
     # model
     p.add_argument("--depth", type=int, default=20, help="number of layers; width, heads and LRs follow from it")
     p.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
