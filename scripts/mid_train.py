@@ -140,6 +140,11 @@ def main(argv=None):
     if args.resume:
         step = find_last_step(checkpoint_dir)
         state, optim_states, _, ck_meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+        for flag in ("total_batch_size", "max_seq_len", "seed", "device_batch_size"):
+            if ck_meta.get("flags", {}).get(flag) != getattr(args, flag):
+                raise SystemExit(f"error: {checkpoint_dir} step {step} was trained with --{flag.replace('_', '-')} "
+                                 f"{ck_meta.get('flags', {}).get(flag)}, this run has {getattr(args, flag)}: the data "
+                                 f"order would not continue; resume with the same flags or use a new --out-tag")
         model.load_state_dict(state, strict=True)
         for opt, s in zip(optimizers, optim_states):
             opt.load_state_dict(s)

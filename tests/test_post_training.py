@@ -35,5 +35,10 @@ def test_mid_train_learns_and_resumes_exactly(base_dir):
     run_mid(base_dir, "--out-tag", "split", "--eval-every", "3", "--resume")
     split = [r["loss"] for r in records(base_dir, "split") if "loss" in r]
     assert split == losses
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=SHARED_DATA)
+    bad = subprocess.run([sys.executable, "-m", "scripts.mid_train", "--dtype", "float32", "--device-batch-size", "4",
+                          "--total-batch-size", "1024", "--out-tag", "split", "--resume"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--total-batch-size" in bad.stderr  # a resume must continue the same data order
     section = open(os.path.join(base_dir, "report", "midtraining.md"), encoding="utf-8").read()
     assert "final val bpb" in section and "mixture: general chat" in section
