@@ -21,35 +21,72 @@ import torch
 from nanochat.dataset import iter_batches
 
 
-def pack_rows(docs, row_len):
+def pack_plan(lengths, row_len):
     """
-    Best-fit packing of token lists (each starting with BOS) into rows of exactly row_len tokens.
-    Returns (rows, cropped_tokens). The leftover documents that cannot fill a last whole row are
-    dropped (counted as cropped): a chunk never leaves a partial row behind.
+    Best-fit packing of documents of the given lengths into rows of exactly row_len tokens.
+    Returns (plan, cropped): plan[r] lists the (document index, tokens taken) pieces of row r in
+    order; a document is always taken from its start (so every row starts with a BOS). The leftover
+    documents that cannot fill a last whole row are dropped (counted as cropped): a chunk never
+    leaves a partial row behind.
     """
     # (length, index) kept sorted: the longest fitting doc is found by bisection
-    remaining = sorted((len(d), i) for i, d in enumerate(docs) if len(d) > 0)
+    remaining = sorted((n, i) for i, n in enumerate(lengths) if n > 0)
     total_left = sum(n for n, _ in remaining)
-    rows, cropped = [], 0
+    plan, cropped = [], 0
     while total_left >= row_len:
-        row = []
-        space = row_len
+        row, space = [], row_len
         while space > 0:
-            k = bisect.bisect_right(remaining, (space, len(docs))) - 1
+            k = bisect.bisect_right(remaining, (space, len(lengths))) - 1
             if k >= 0:  # the longest doc that fits whole
                 n, i = remaining.pop(k)
-                row.extend(docs[i])
+                row.append((i, n))
                 space -= n
-                total_left -= n
             else:  # nothing fits: crop the shortest doc to fill the row
                 n, i = remaining.pop(0)
-                row.extend(docs[i][:space])
+                row.append((i, space))
                 cropped += n - space
-                total_left -= n
                 space = 0
-        rows.append(row)
+            total_left -= n
+        plan.append(row)
     cropped += total_left
-    return rows, cropped
+    return plan, cropped
+
+
+def pack_rows(docs, row_len):
+    """Token lists (each starting with BOS) packed best-fit into rows of row_len: (rows, cropped tokens)."""
+    plan, cropped = pack_plan([len(d) for d in docs], row_len)
+    return [[t for i, n in row for t in docs[i][:n]] for row in plan], cropped
+
+
+def pack_conversations(docs, masks, row_len):
+    """pack_rows for rendered conversations: the loss masks travel with their tokens. (rows, masks, cropped)"""
+    if len(docs) != len(masks) or any(len(d) != len(m) for d, m in zip(docs, masks)):
+        raise ValueError("every document needs a mask of its own length")
+    plan, cropped = pack_plan([len(d) for d in docs], row_len)
+    rows = [[t for i, n in row for t in docs[i][:n]] for row in plan]
+    row_masks = [[m for i, n in row for m in masks[i][:n]] for row in plan]
+    return rows, row_masks, cropped
+
+
+def sft_batch(conversations, pad_id, max_len, device="cpu"):
+    """
+    One rendered conversation per row, for supervised fine-tuning: conversations are (ids, mask)
+    pairs; rows are cut to max_len + 1 tokens and right-padded to the longest. Returns (x, y,
+    truncated): x (B, L) inputs, y (B, L) next-token targets with -1 wherever the mask is 0 (user
+    turns, tool outputs, BOS) and on padding, and how many conversations were cut.
+    """
+    cut = [(ids[:max_len + 1], mask[:max_len + 1]) for ids, mask in conversations]
+    truncated = sum(len(ids) > max_len + 1 for ids, _ in conversations)
+    width = max(len(ids) for ids, _ in cut) - 1
+    x = torch.full((len(cut), width), pad_id, dtype=torch.long)
+    y = torch.full((len(cut), width), -1, dtype=torch.long)
+    for r, (ids, mask) in enumerate(cut):
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        targets = ids_t[1:].clone()
+        targets[torch.tensor(mask[1:], dtype=torch.bool).logical_not()] = -1
+        x[r, :len(ids) - 1] = ids_t[:-1]
+        y[r, :len(ids) - 1] = targets
+    return x.to(device), y.to(device), truncated
 
 
 class DataLoader:

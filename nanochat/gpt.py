@@ -217,7 +217,10 @@ class GPT(nn.Module):
         B, T = idx.size()
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         if T0 + T > self.cos.size(1):
-            cos, sin = self._rotary_tables(max(2 * self.cos.size(1), T0 + T), device=idx.device)
+            # normal tensors even when grown during sampling (inference tensors could not be used by a
+            # later training forward, e.g. RL training right after its rollouts)
+            with torch.inference_mode(False), torch.no_grad():
+                cos, sin = self._rotary_tables(max(2 * self.cos.size(1), T0 + T), device=idx.device)
             self.cos, self.sin = cos, sin
         cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
         x = norm(self.transformer.wte(idx))

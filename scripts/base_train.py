@@ -18,7 +18,6 @@ optimizer shards, every reader's position, step, schedule, loop statistics).
 """
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -36,6 +35,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.training import MetricsLog, apply_schedule, train_step
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                   "The opposite of hot is", "The planets of the solar system are:"]
@@ -202,7 +202,6 @@ def main(argv=None):
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                                         ns_dtype=dtype)  # bf16 runs orthogonalise in bf16 too
-    adamw, muon = optimizers
     loop = {"step": 0, "smooth_loss": 0.0, "train_time": 0.0, "val_bpb": None, "min_val_bpb": None}
     reader_states = [None] * grad_accum
     if args.resume:
@@ -278,11 +277,7 @@ def main(argv=None):
             print0(f"sample: {prompt!r} -> {tokenizer.decode(out)!r}")
         orig_model.train()
 
-    def append_metrics(record):
-        if master:
-            os.makedirs(checkpoint_dir, exist_ok=True)
-            with open(os.path.join(checkpoint_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+    append_metrics = MetricsLog(checkpoint_dir, master).append
 
     def due(every, step):
         return every > 0 and step % every == 0
@@ -315,29 +310,13 @@ def main(argv=None):
         # one optimizer step over grad_accum micro-batches
         t0 = time.time()
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for group in muon.param_groups:
-            group["momentum"] = muon_momentum(step)
-        step_loss = torch.zeros((), device=device)
-        checksum = torch.zeros((), dtype=torch.long, device=device)  # which tokens this step saw (resume checks)
-        for k in range(grad_accum):
-            x, y, _ = next(reader_iters[k])
-            checksum += (x * position_weights).sum()
-            with autocast:
-                loss = model(x, y)
-            step_loss += loss.detach()
-            (loss / grad_accum).backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        step_loss /= grad_accum
-        if ddp:  # the logged loss is the mean over all ranks (gloo has no AVG: sum, then divide)
-            dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)
-            step_loss /= world_size
+        apply_schedule(optimizers, lrm, muon_momentum(step))
+        micro_batches = [next(reader_iters[k])[:2] for k in range(grad_accum)]
+        checksum = sum((x * position_weights).sum() for x, _ in micro_batches)  # which tokens this step saw
+        if ddp:
             dist.all_reduce(checksum, op=dist.ReduceOp.SUM)
-        loss_value = step_loss.item()  # also a sync point, so the timing below is real
+        # the loss is the mean over every token of the step, all ranks (logged after the step, a sync point)
+        loss_value, _ = train_step(model, optimizers, micro_batches, autocast, world_size)
         if not math.isfinite(loss_value):
             raise SystemExit(f"error: loss is {loss_value} at step {step}; lower the LRs or check the data")
         dt = time.time() - t0

@@ -17,81 +17,13 @@ generative ones. Each rank takes every world_size-th problem; counts are summed 
 import argparse
 import time
 
-import torch
-import torch.distributed as dist
-
 from nanochat.checkpoint import add_checkpoint_args, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, parse_dtype, print0
 from nanochat.engine import Engine
 from nanochat.report import get_report
-
-# name -> (constructor, chance level)
-def task_registry():
-    from tasks.arc import ARC
-    from tasks.gsm8k import GSM8K
-    from tasks.humaneval import HumanEval
-    from tasks.mmlu import MMLU
-    from tasks.spellingbee import SpellingBee
-    return {
-        "ARC-Easy": (lambda: ARC(subset="ARC-Easy", split="test"), 0.25),
-        "ARC-Challenge": (lambda: ARC(subset="ARC-Challenge", split="test"), 0.25),
-        "MMLU": (lambda: MMLU(subset="all", split="test"), 0.25),
-        "GSM8K": (lambda: GSM8K(subset="main", split="test"), 0.0),
-        "HumanEval": (lambda: HumanEval(), 0.0),
-        "SpellingBee": (lambda: SpellingBee(size=256, split="test"), 0.0),
-    }
-
+from nanochat.task_eval import evaluate_task, task_registry
 
 DEFAULT_TASKS = "ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval"
-
-
-def my_indices(n, rank, world_size, max_problems):
-    n = n if max_problems is None or max_problems < 0 else min(n, max_problems)
-    return list(range(rank, n, world_size)), n
-
-
-@torch.no_grad()
-def run_categorical(task, model, tokenizer, indices, batch_size, autocast):
-    """Correct count over `indices`: argmax over the allowed letters' logits at the answer position."""
-    device = model.get_device()
-    pad = tokenizer.get_bos_token_id()
-    correct = 0
-    for start in range(0, len(indices), batch_size):
-        conversations = [task[i] for i in indices[start:start + batch_size]]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
-        longest = max(len(p) for p in prompts)
-        batch = torch.full((len(prompts), longest), pad, dtype=torch.long, device=device)
-        for row, prompt in enumerate(prompts):
-            batch[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)  # right padding: causal, harmless
-        with autocast:
-            logits = model(batch)
-        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
-            letters = conversation.get("letters") or task.letters
-            letter_ids = []
-            for letter in letters:
-                ids = tokenizer.encode(letter)
-                if len(ids) != 1:
-                    raise ValueError(f"answer letter {letter!r} is not a single token")
-                letter_ids.append(ids[0])
-            scores = logits[row, len(prompt) - 1, letter_ids]
-            predicted = letters[scores.argmax().item()]
-            correct += int(bool(task.evaluate(conversation, predicted)))
-    return correct
-
-
-def run_generative(task, engine, tokenizer, indices, num_samples, max_new_tokens, temperature, top_k, autocast):
-    correct = 0
-    for n, i in enumerate(indices):
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        with autocast:
-            rows, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                            temperature=temperature, top_k=top_k, seed=1000 + i)
-        completions = [tokenizer.decode(row[len(prompt):]) for row in rows]
-        correct += int(any(task.evaluate(conversation, c) for c in completions))
-        if (n + 1) % 25 == 0:
-            print0(f"  {n + 1}/{len(indices)} problems on rank 0, {correct} solved")
-    return correct
 
 
 def main(argv=None):
@@ -128,17 +60,10 @@ def main(argv=None):
         t0 = time.time()
         make_task, chance = registry[name]
         task = make_task()
-        indices, total = my_indices(len(task), rank, world_size, args.max_problems)
-        if task.eval_type == "categorical":
-            correct = run_categorical(task, model, tokenizer, indices, args.batch_size, autocast)
-        else:
-            correct = run_generative(task, engine, tokenizer, indices, args.num_samples, args.max_new_tokens,
-                                     args.temperature, args.top_k, autocast)
-        counts = torch.tensor([correct, len(indices)], dtype=torch.long, device=device)
-        if ddp:
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        correct, evaluated = counts.tolist()
-        assert evaluated == total, (evaluated, total)
+        result = evaluate_task(task, model, engine, tokenizer, autocast, max_problems=args.max_problems,
+                               batch_size=args.batch_size, num_samples=args.num_samples,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+        correct, total = result["correct"], result["total"]
         accuracy = correct / max(total, 1)
         results[name] = accuracy
         centered[name] = (accuracy - chance) / (1 - chance)

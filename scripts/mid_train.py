@@ -13,23 +13,22 @@ every token (this is still pretraining, on chat-shaped text). The LR is flat, th
 """
 
 import argparse
-import json
 import math
 import os
 import time
 
 import torch
-import torch.distributed as dist
 
 from nanochat.checkpoint import (SOURCES, add_checkpoint_args, find_last_step, load_checkpoint, load_model,
                                  save_checkpoint)
 from nanochat.common import (DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype,
                              print0)
-from nanochat.dataloader import pack_rows
+from nanochat.dataloader import pack_conversations
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
+from nanochat.training import MetricsLog, apply_schedule, train_step
 
 IDENTITY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "data",
                              "identity_conversations.jsonl")
@@ -55,18 +54,19 @@ def build_mixture(split):
 
 
 def pack_mixture(parts, tokenizer, row_len, seed):
-    """All conversations rendered and packed into rows (a long tensor (N, row_len)), and counts."""
+    """All conversations rendered and packed into rows: tokens (N, row_len) long, their loss masks, counts."""
     from tasks.common import TaskMixture
     mixture = TaskMixture([task for _, task in parts], seed=seed)
-    docs, too_long = [], 0
+    docs, masks, too_long = [], [], 0
     for i in range(len(mixture)):
-        ids, _ = tokenizer.render_conversation(mixture[i], max_tokens=None)
+        ids, mask = tokenizer.render_conversation(mixture[i], max_tokens=None)
         if len(ids) > row_len:
             too_long += 1  # cropped by the packer, counted here so the log says how many
         docs.append(ids)
-    rows, cropped = pack_rows(docs, row_len)
-    return torch.tensor(rows, dtype=torch.long), {"conversations": len(docs), "too long": too_long,
-                                                   "cropped tokens": cropped}
+        masks.append(mask)
+    rows, row_masks, cropped = pack_conversations(docs, masks, row_len)
+    counts = {"conversations": len(docs), "too long": too_long, "cropped tokens": cropped}
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(row_masks, dtype=torch.bool), counts
 
 
 def main(argv=None):
@@ -90,6 +90,9 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the latest mid checkpoint of --out-tag")
     p.add_argument("--stop-after-step", type=int, default=-1, help="save and exit at this step")
     p.add_argument("--seed", type=int, default=7, help="mixture shuffle seed (positive)")
+    p.add_argument("--loss-on", choices=["all", "assistant"], default="all",
+                   help="all: every token (midtraining is still pretraining, on chat-shaped text); "
+                        "assistant: only the tokens the conversation mask marks")
     args = p.parse_args(argv)
     if args.seed <= 0:
         p.error("--seed must be positive (seeds 1 and -1 give the same Python stream)")
@@ -111,8 +114,8 @@ def main(argv=None):
     train_parts, val_parts = build_mixture("train"), build_mixture("val")
     for name, task in train_parts:
         print0(f"mixture: {name:<16} {len(task):>7,} conversations")
-    train_rows, train_counts = pack_mixture(train_parts, tokenizer, T + 1, args.seed)
-    val_rows, val_counts = pack_mixture(val_parts, tokenizer, T + 1, args.seed + 1)
+    train_rows, train_masks, train_counts = pack_mixture(train_parts, tokenizer, T + 1, args.seed)
+    val_rows, val_masks, val_counts = pack_mixture(val_parts, tokenizer, T + 1, args.seed + 1)
     print0(f"packed {train_counts['conversations']:,} conversations into {len(train_rows):,} rows of {T + 1} tokens "
            f"({train_counts['too long']} longer than a row were cropped; {train_counts['cropped tokens']:,} tokens dropped) "
            f"in {time.time() - t0:.1f}s; val {len(val_rows):,} rows")
@@ -156,26 +159,26 @@ def main(argv=None):
         import wandb
         wandb_run = wandb.init(project="nanochat-mid", name=args.run, config=vars(args))
 
+    def split_row(rows, masks):
+        x, y = rows[:, :-1].clone(), rows[:, 1:].clone()
+        if args.loss_on == "assistant":
+            y[~masks[:, 1:]] = -1
+        return x.to(device), y.to(device)
+
     def batch_rows(step, k):
         """Rows of micro-step k on this rank at `step` (cycling over the packed mixture)."""
         first = step * rows_per_step + (rank * grad_accum + k) * args.device_batch_size
         idx = torch.arange(first, first + args.device_batch_size) % len(train_rows)
-        rows = train_rows[idx].to(device)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return split_row(train_rows[idx], train_masks[idx])
 
     def val_batches():
         i = rank * args.device_batch_size
         while True:
             idx = torch.arange(i, i + args.device_batch_size) % len(val_rows)
-            rows = val_rows[idx].to(device)
-            yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+            yield split_row(val_rows[idx], val_masks[idx])
             i += world_size * args.device_batch_size
 
-    def append_metrics(record):
-        if master:
-            os.makedirs(checkpoint_dir, exist_ok=True)
-            with open(os.path.join(checkpoint_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+    append_metrics = MetricsLog(checkpoint_dir, master).append
 
     def save(step):
         save_checkpoint(checkpoint_dir, step, model, optimizers,
@@ -204,26 +207,9 @@ def main(argv=None):
             break
         t0 = time.time()
         lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for group in optimizers[1].param_groups:
-            group["momentum"] = muon_momentum(step)
-        step_loss = torch.zeros((), device=device)
-        for k in range(grad_accum):
-            x, y = batch_rows(step, k)
-            with autocast:
-                loss = model(x, y)
-            step_loss += loss.detach()
-            (loss / grad_accum).backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        step_loss /= grad_accum
-        if ddp:
-            dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)
-            step_loss /= world_size
-        loss_value = step_loss.item()
+        apply_schedule(optimizers, lrm, muon_momentum(step))
+        micro_batches = [batch_rows(step, k) for k in range(grad_accum)]
+        loss_value, _ = train_step(model, optimizers, micro_batches, autocast, world_size)
         if not math.isfinite(loss_value):
             raise SystemExit(f"error: loss is {loss_value} at step {step}")
         dt = time.time() - t0

@@ -80,6 +80,10 @@ class GSM8K(Task):
         return {"messages": [{"role": "user", "content": row["question"]},
                              {"role": "assistant", "content": answer_to_parts(row["answer"])}]}
 
+    def well_formed(self, completion):
+        """Whether the completion ends its work with a final '#### <number>' line (right or wrong)."""
+        return extract_answer(completion) is not None
+
     def evaluate(self, conversation, completion):
         parts = conversation["messages"][-1]["content"]
         gold = extract_answer(parts_to_answer(parts) if isinstance(parts, list) else parts)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, SHARED_DATA
-from scripts.chat_eval import run_categorical
+from nanochat.task_eval import run_categorical
 from test_chat_cli import make_chat_checkpoint
 
 

@@ -1,0 +1,101 @@
+"""
+The optimizer step every training stage shares (base, mid, SFT, RL), and its schedule plumbing.
+
+One step = forward/backward over a few micro-batches, then each optimizer steps once. The objective
+is always a token-weighted mean over the whole step, all ranks and micro-batches together:
+
+    loss = sum over valid target tokens t of  w_t * CE_t  /  (number of valid target tokens)
+
+with w = 1 for pre/mid/SFT training and w = the row's advantage for RL. Targets of -1 (padding,
+tokens the loss mask leaves out, tokens a tool forced) are not counted. Our optimizers average the
+gradients over ranks (reduce-scatter mean), so each rank scales its summed loss by world / N:
+their mean is then exactly the global objective, whatever the ranks' token counts (a 2-process run
+equals a 1-process run over the same rows).
+"""
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from nanochat.optim import Muon
+
+
+def apply_schedule(optimizers, lr_multiplier, momentum=None):
+    """Every group's lr = its initial_lr * lr_multiplier; Muon's momentum too when given."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier
+            if momentum is not None and isinstance(opt, Muon):
+                group["momentum"] = momentum
+
+
+def _all_sum(value, device):
+    t = torch.tensor(value, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item()
+
+
+def accumulate_gradients(model, micro_batches, autocast, world_size=1):
+    """
+    Forward/backward over micro_batches, a list of (x, y) or (x, y, weights) with x, y (B, T) long,
+    y = -1 where no loss is taken, weights (B,) per row or (B, T) per token; the list may be empty
+    on some ranks (RL drops rows that carry no signal). Leaves in .grad this rank's share of the
+    gradient of the step objective. Returns (loss, tokens): the objective over every rank's valid
+    tokens, and that count (0 when there is none anywhere: then no gradient is made).
+    """
+    device = micro_batches[0][0].device if micro_batches else model.get_device()
+    local_tokens = sum(int((mb[1] != -1).sum()) for mb in micro_batches)
+    tokens = int(_all_sum(local_tokens, device))
+    if tokens == 0:
+        return 0.0, 0
+    scale = world_size / tokens
+    step_loss = torch.zeros((), dtype=torch.float32, device=device)
+    for mb in micro_batches:
+        x, y = mb[0], mb[1]
+        with autocast:
+            per_token = model(x, y, loss_reduction="none")  # (B*T,), 0 where y == -1
+        if len(mb) > 2 and mb[2] is not None:
+            weights = mb[2]
+            weights = weights[:, None].expand_as(y) if weights.dim() == 1 else weights
+            per_token = per_token * weights.reshape(-1).to(per_token.dtype)
+        loss_sum = per_token.sum()
+        (loss_sum * scale).backward()
+        step_loss += loss_sum.detach().float()
+    if world_size > 1:  # a rank without rows still joins every gradient collective of the optimizers
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    return _all_sum(step_loss.item(), device) / tokens, tokens
+
+
+def train_step(model, optimizers, micro_batches, autocast, world_size=1):
+    """One optimizer step (see accumulate_gradients). A step with no valid token anywhere changes nothing."""
+    loss, tokens = accumulate_gradients(model, micro_batches, autocast, world_size)
+    if tokens:
+        for opt in optimizers:
+            opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss, tokens
+
+
+class MetricsLog:
+    """metrics.jsonl in a checkpoint folder: one JSON object per logged step, appended by rank 0 only."""
+
+    def __init__(self, checkpoint_dir, master=True):
+        self.path = os.path.join(checkpoint_dir, "metrics.jsonl")
+        self.master = master
+
+    def append(self, record):
+        if not self.master:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def eta_seconds(train_time, steps_done, steps_left):
+    """Remaining time from the mean step time so far (nan before the first timed step)."""
+    return train_time / steps_done * steps_left if steps_done > 0 else float("nan")

@@ -1,0 +1,261 @@
+"""
+Supervised fine-tuning: the midtrained model learns to answer, one conversation at a time.
+
+    python -m scripts.chat_sft                          # the largest mid model -> chatsft_checkpoints/<same tag>
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft
+
+Unlike midtraining, rows are not packed: each row is one conversation (BOS first), right-padded to
+the longest of its micro-batch and cut at max_seq_len (cut ones are counted). The loss is taken only
+where render_conversation's mask is 1 (the assistant's text, its tool calls and <|assistant_end|>);
+user turns, tool outputs and padding contribute nothing. The step's loss is the mean over every
+trained token of all its conversations on all ranks (nanochat.training.train_step), so a long answer
+weighs by its tokens, not by its row. The mixture is shuffled once (seeded); step s takes
+conversations [s * examples_per_step, (s + 1) * examples_per_step), so a resume needs only the step.
+The LR decays linearly to 0 over the run. Every --eval-every steps: the masked val loss; every
+--eval-metrics-every steps: a quick ARC-Easy / MMLU accuracy and GSM8K accuracy + answer format share.
+"""
+
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import (SOURCES, add_checkpoint_args, find_last_step, load_checkpoint, load_model,
+                                 save_checkpoint)
+from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype, print0
+from nanochat.dataloader import sft_batch
+from nanochat.engine import Engine
+from nanochat.report import get_report
+from nanochat.task_eval import evaluate_task
+from nanochat.training import MetricsLog, apply_schedule, eta_seconds, train_step
+
+IDENTITY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "data",
+                             "identity_conversations.jsonl")
+
+
+def build_mixture(split):
+    """(name, task) pairs of the SFT mixture; offline the general chat share is SGD + Self-Instruct."""
+    from tasks.arc import ARC
+    from tasks.customjson import CustomJSON
+    from tasks.gsm8k import GSM8K
+    from tasks.smoltalk import SmolTalk
+    from tasks.spellingbee import SimpleSpelling, SpellingBee
+    if split == "train":
+        parts = [("ARC-Easy", ARC("ARC-Easy", "train")), ("ARC-Challenge", ARC("ARC-Challenge", "train")),
+                 ("GSM8K", GSM8K("main", "train")), ("general chat", SmolTalk("train")[:10_000]),
+                 ("SimpleSpelling", SimpleSpelling(300, "train")), ("SpellingBee", SpellingBee(300, "train"))]
+        if os.path.exists(IDENTITY_FILE):
+            # a small set: seen twice, so that "who are you" is answered in the model's own words
+            parts.append(("identity", CustomJSON(IDENTITY_FILE)))
+            parts.append(("identity (2nd copy)", CustomJSON(IDENTITY_FILE)))
+    else:
+        parts = [("general chat", SmolTalk("test")), ("GSM8K", GSM8K("main", "test")[:200]),
+                 ("ARC-Easy", ARC("ARC-Easy", "validation"))]
+    return parts
+
+
+def render_all(parts, tokenizer, seed):
+    """The whole mixture rendered (ids, mask) in its shuffled order: rendering is cheap next to training."""
+    from tasks.common import TaskMixture
+    mixture = TaskMixture([task for _, task in parts], seed=seed)
+    return [tokenizer.render_conversation(mixture[i], max_tokens=None) for i in range(len(mixture))]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Supervised fine-tuning of a midtrained model on conversations.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_checkpoint_args(p, default_source="mid")
+    p.add_argument("--out-tag", default=None, help="tag of the SFT checkpoint (default: the input's tag)")
+    p.add_argument("--run", default=None, help="wandb run name (no wandb when unset)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="longest row; default: the model's context length")
+    p.add_argument("--device-batch-size", type=int, default=4, help="conversations per micro-batch per device")
+    p.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step, all ranks")
+    p.add_argument("--num-epochs", type=int, default=1, help="passes over the mixture (when --num-iterations is -1)")
+    p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: --num-epochs passes)")
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--init-lr-frac", type=float, default=0.02, help="LR as a share of the base run's")
+    p.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1: end only)")
+    p.add_argument("--eval-steps", type=int, default=50, help="val micro-batches per evaluation")
+    p.add_argument("--eval-metrics-every", type=int, default=200, help="quick task accuracy every N steps (-1: end only)")
+    p.add_argument("--eval-problems", type=int, default=100, help="problems per task in the quick accuracy (0: none)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest GSM8K answer in the quick accuracy")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: end only)")
+    p.add_argument("--resume", action="store_true", help="continue the latest SFT checkpoint of --out-tag")
+    p.add_argument("--stop-after-step", type=int, default=-1, help="save and exit at this step")
+    p.add_argument("--seed", type=int, default=11, help="mixture shuffle seed (positive)")
+    args = p.parse_args(argv)
+    if args.seed <= 0:
+        p.error("--seed must be positive (seeds 1 and -1 give the same Python stream)")
+
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    master = rank == 0
+    dtype = parse_dtype(args.dtype, device.type)
+    autocast = autocast_ctx(device.type, dtype)
+    try:
+        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    T = args.max_seq_len or model.config.sequence_len
+    out_tag = args.out_tag or args.model_tag or meta.get("flags", {}).get("model_tag") or f"d{model.config.n_layer}"
+    checkpoint_dir = os.path.join(get_base_dir(), SOURCES["sft"], out_tag)
+    print0(f"flags: {vars(args)}")
+
+    per_step = args.device_batch_size * world_size
+    if args.examples_per_step % per_step:
+        raise SystemExit(f"error: --examples-per-step {args.examples_per_step} is not a multiple of "
+                         f"device_batch_size * world_size = {per_step}")
+    grad_accum = args.examples_per_step // per_step
+
+    t0 = time.time()
+    train_parts, val_parts = build_mixture("train"), build_mixture("val")
+    for name, task in train_parts:
+        print0(f"mixture: {name:<20} {len(task):>7,} conversations")
+    train_data = render_all(train_parts, tokenizer, args.seed)
+    val_data = render_all(val_parts, tokenizer, args.seed + 1)
+    too_long = sum(len(ids) > T + 1 for ids, _ in train_data)
+    trained_tokens = sum(sum(mask) for _, mask in train_data)
+    print0(f"rendered {len(train_data):,} train conversations ({trained_tokens:,} trained tokens; {too_long} longer "
+           f"than {T + 1} tokens will be cut) and {len(val_data):,} val in {time.time() - t0:.1f}s")
+    one_epoch = len(train_data) // args.examples_per_step
+    num_iterations = args.num_iterations if args.num_iterations > 0 else one_epoch * args.num_epochs
+    if num_iterations < 1:
+        raise SystemExit(f"error: {len(train_data)} conversations make less than one step of "
+                         f"{args.examples_per_step}; lower --examples-per-step")
+    print0(f"steps: {num_iterations} x {args.examples_per_step} conversations "
+           f"({num_iterations / max(one_epoch, 1):.2f} epochs); grad accumulation {grad_accum} x world size {world_size}")
+
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                        matrix_lr=args.matrix_lr, ns_dtype=dtype)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = group["initial_lr"] * args.init_lr_frac
+    loop = {"step": 0, "train_time": 0.0, "smooth_loss": 0.0, "val_loss": None, "metrics": {}}
+    if args.resume:
+        try:
+            step = find_last_step(checkpoint_dir)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: nothing to resume: {e}")
+        state, optim_states, _, ck_meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+        for flag in ("examples_per_step", "max_seq_len", "seed", "num_iterations", "num_epochs"):
+            if ck_meta.get("flags", {}).get(flag) != getattr(args, flag):
+                raise SystemExit(f"error: {checkpoint_dir} step {step} was trained with --{flag.replace('_', '-')} "
+                                 f"{ck_meta.get('flags', {}).get(flag)}, this run has {getattr(args, flag)}: the run "
+                                 f"would not continue; resume with the same flags or use a new --out-tag")
+        model.load_state_dict(state, strict=True)
+        for opt, s in zip(optimizers, optim_states):
+            opt.load_state_dict(s)
+        loop = ck_meta["loop"]
+        print0(f"resumed from {checkpoint_dir} step {step}")
+    engine = Engine(model, tokenizer)
+    append_metrics = MetricsLog(checkpoint_dir, master).append
+    wandb_run = DummyWandb()
+    if args.run and master:
+        import wandb
+        wandb_run = wandb.init(project="nanochat-sft", name=args.run, config=vars(args))
+    pad_id = tokenizer.get_bos_token_id()
+
+    def micro_batch(step, k):
+        """Micro-step k of `step` on this rank: conversations cycle over the shuffled mixture."""
+        first = step * args.examples_per_step + (k * world_size + rank) * args.device_batch_size
+        rows = [train_data[(first + j) % len(train_data)] for j in range(args.device_batch_size)]
+        x, y, _ = sft_batch(rows, pad_id, T, device)  # cut conversations are counted once, over the mixture
+        return x, y
+
+    @torch.no_grad()
+    def val_loss():
+        """Mean masked loss over this many val micro-batches per rank, all ranks summed."""
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for b in range(args.eval_steps):
+            first = (b * world_size + rank) * args.device_batch_size
+            rows = [val_data[(first + j) % len(val_data)] for j in range(args.device_batch_size)]
+            x, y, _ = sft_batch(rows, pad_id, T, device)
+            with autocast:
+                losses = model(x, y, loss_reduction="none")
+            total += torch.stack([losses.sum().double(), (y != -1).sum().double()])
+        if ddp:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        model.train()
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def quick_metrics():
+        from tasks.arc import ARC
+        from tasks.gsm8k import GSM8K
+        model.eval()
+        out = {}
+        arc = evaluate_task(ARC("ARC-Easy", "test"), model, engine, tokenizer, autocast, args.eval_problems)
+        out["ARC-Easy"] = arc["accuracy"]
+        gsm = evaluate_task(GSM8K("main", "test"), model, engine, tokenizer, autocast, args.eval_problems,
+                            max_new_tokens=args.max_new_tokens, progress_every=0)
+        out["GSM8K"], out["GSM8K well-formed"] = gsm["accuracy"], gsm["well-formed"]
+        model.train()
+        return out
+
+    def save(step):
+        save_checkpoint(checkpoint_dir, step, model, optimizers,
+                        {"model_config": vars(model.config), "flags": vars(args), "loop": dict(loop, step=step),
+                         "val_loss": loop["val_loss"], "source": args.source, "source_step": meta["step"]})
+        print0(f"saved checkpoint {checkpoint_dir} step {step}")
+
+    def due(every, step):
+        return every > 0 and step % every == 0
+
+    step = start_step = loop["step"]
+    while True:
+        last = step == num_iterations
+        stopping = step == args.stop_after_step
+        if step != start_step and (last or stopping or due(args.save_every, step)):
+            save(step)  # before the evals: a crash in them loses nothing
+        if stopping and not last:
+            print0(f"stopped at step {step} (resume with --resume)")
+            break
+        if last or due(args.eval_every, step):
+            loop["val_loss"] = val_loss()
+            print0(f"step {step:05d} | val loss {loop['val_loss']:.4f}")
+            append_metrics({"step": step, "val_loss": loop["val_loss"]})
+            wandb_run.log({"step": step, "val/loss": loop["val_loss"]})
+        if args.eval_problems > 0 and (last or (due(args.eval_metrics_every, step) and step > 0)):
+            loop["metrics"] = quick_metrics()
+            print0(f"step {step:05d} | " + " | ".join(f"{k} {100 * v:.1f}%" for k, v in loop["metrics"].items()))
+            append_metrics({"step": step, **loop["metrics"]})
+            wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in loop["metrics"].items()}})
+        if last:
+            break
+        t0 = time.time()
+        lrm = 1.0 - step / num_iterations
+        apply_schedule(optimizers, lrm)
+        micro_batches = [micro_batch(step, k) for k in range(grad_accum)]
+        loss_value, tokens = train_step(model, optimizers, micro_batches, autocast, world_size)
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"error: loss is {loss_value} at step {step}; lower the LRs or check the data")
+        dt = time.time() - t0
+        step += 1
+        loop["step"] = step
+        loop["train_time"] += dt
+        loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * loss_value
+        smooth = loop["smooth_loss"] / (1 - 0.9 ** step)
+        eta = eta_seconds(loop["train_time"], step - start_step, num_iterations - step)
+        print0(f"step {step:05d}/{num_iterations:05d} | loss {smooth:.4f} | lrm {lrm:.3f} | trained tokens {tokens:,} | "
+               f"trained tok/s {tokens / dt:,.0f} | elapsed {loop['train_time'] / 60:.1f} m | ETA {eta / 60:.1f} m")
+        append_metrics({"step": step, "loss": loss_value, "smooth_loss": smooth, "lrm": lrm, "tokens": tokens,
+                        "tokens_per_s": tokens / dt})
+        wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm})
+
+    if step == num_iterations and master:
+        get_report().log("Chat SFT", [vars(args), {
+            "source step": meta["step"], "conversations": len(train_data), "steps": num_iterations,
+            f"conversations cut at {T + 1} tokens": too_long, "final val loss": loop["val_loss"],
+            **{f"{k} (quick, {args.eval_problems} problems)": v for k, v in loop["metrics"].items()},
+            "training time (min)": loop["train_time"] / 60},
+            "mixture: " + ", ".join(f"{name} {len(task):,}" for name, task in train_parts)])
+    wandb_run.finish()
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()
