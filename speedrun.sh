@@ -11,6 +11,7 @@
 #   NANOCHAT_LOCAL_DATA a folder laid out like shared/data; its pretrain/ text becomes the shards
 #   NANOCHAT_VENV       the virtual environment to create/use (default .venv)
 #   WANDB_RUN           log to wandb under this run name (unset: no wandb)
+#   NANOCHAT_RL         1: run the RL stage (default on the tiny profile), 0: skip it (default on full)
 #   NPROC               processes per node for torchrun (default: the number of GPUs)
 #   extra torchrun flags for multi-node (e.g. "--nnodes=2 --node_rank=0 --rdzv_endpoint=host:29500")
 #                       go in TORCHRUN_ARGS; the default is --standalone.
@@ -61,11 +62,19 @@ if [ "$PROFILE" = full ]; then
     FIRST_SHARDS=8; BASE_FLAGS=(--target-param-data-ratio 20)
     EVAL_TOKENS=$((20 * 524288)); CORE_MAX_PER_TASK=-1
     MID_FLAGS=(); CHAT_EVAL_FLAGS=()
+    SFT_FLAGS=(--device-batch-size 4); RL_FLAGS=(--device-batch-size 8); RL_EVAL_FLAGS=(--num-samples 1)
+    RL="${NANOCHAT_RL:-0}"   # RL adds ~1.5 h on 8xH100 for a few points of GSM8K: opt in with NANOCHAT_RL=1
 elif [ "$PROFILE" = tiny ]; then
     DEPTH=4; SEQ=256; VOCAB=4096; TOK_CHARS=20000000; DEVICE_BATCH=16; TOTAL_BATCH=4096
     FIRST_SHARDS=2; BASE_FLAGS=(--num-iterations 300 --head-dim 64 --eval-every 100 --sample-every 300 --save-every 100)
     EVAL_TOKENS=$((32 * 256 * 16)); CORE_MAX_PER_TASK=100
     MID_FLAGS=(--num-iterations 150 --eval-every 50); CHAT_EVAL_FLAGS=(--max-problems 50 --max-new-tokens 256)
+    SFT_FLAGS=(--device-batch-size 8 --examples-per-step 16 --num-iterations 150 --eval-every 50 --eval-steps 8
+               --eval-metrics-every -1 --eval-problems 20)
+    RL_FLAGS=(--prompts-per-step 4 --num-samples 4 --max-new-tokens 128 --num-iterations 20 --eval-every -1
+              --eval-problems 20 --eval-samples 2 --save-every -1)
+    RL_EVAL_FLAGS=(--max-problems 50 --max-new-tokens 256)
+    RL="${NANOCHAT_RL:-1}"
 else
     echo "error: NANOCHAT_PROFILE must be auto, tiny or full (got '$PROFILE')" >&2
     exit 1
@@ -169,6 +178,20 @@ RESUME=$(resume_flag "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG" mid-train)
 stage mid-train launch scripts.mid_train --model-tag "$TAG" --device-batch-size "$DEVICE_BATCH" \
     --total-batch-size "$TOTAL_BATCH" --eval-tokens "$EVAL_TOKENS" ${RUN:+--run "$RUN-mid"} "${MID_FLAGS[@]}" $RESUME
 stage mid-eval launch scripts.chat_eval -i mid --model-tag "$TAG" "${CHAT_EVAL_FLAGS[@]}"
+
+# ------------------------------------------------------------------------------------------------
+# supervised fine-tuning and its chat evaluation
+RESUME=$(resume_flag "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$TAG" sft-train)
+stage sft-train launch scripts.chat_sft --model-tag "$TAG" ${RUN:+--run "$RUN-sft"} "${SFT_FLAGS[@]}" $RESUME
+stage sft-eval launch scripts.chat_eval -i sft --model-tag "$TAG" "${CHAT_EVAL_FLAGS[@]}"
+
+# ------------------------------------------------------------------------------------------------
+# reinforcement learning on GSM8K (NANOCHAT_RL=0 skips it) and its GSM8K evaluation
+if [ "$RL" = 1 ]; then
+    RESUME=$(resume_flag "$NANOCHAT_BASE_DIR/chatrl_checkpoints/$TAG" rl-train)
+    stage rl-train launch scripts.chat_rl --model-tag "$TAG" ${RUN:+--run "$RUN-rl"} "${RL_FLAGS[@]}" $RESUME
+    stage rl-eval launch scripts.chat_eval -i rl --model-tag "$TAG" -a GSM8K "${RL_EVAL_FLAGS[@]}"
+fi
 
 # ------------------------------------------------------------------------------------------------
 # report card
