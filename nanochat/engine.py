@@ -178,8 +178,12 @@ class Engine:
         return [self.output_start] + self.tokenizer.encode(str(result)) + [self.output_end]
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
-        """Yields (column, forced): one new token per row (None for rows already finished) and 0/1 forced flags."""
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None,
+                 tools=True):
+        """
+        Yields (column, forced): one new token per row (None for rows already finished) and 0/1 forced
+        flags. tools=False: plain language-model sampling (no calculator; raw text completion).
+        """
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("generate takes a non-empty list of int token ids")
         if num_samples < 1:
@@ -207,6 +211,8 @@ class Engine:
                 forced.append(int(is_forced))
                 if token in self.stop_ids and not is_forced:
                     row.done = True
+                elif not tools:
+                    pass
                 elif token == self.python_start:
                     row.in_python, row.expr_tokens = True, []
                 elif token == self.python_end and row.in_python:

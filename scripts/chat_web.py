@@ -5,7 +5,8 @@ The web chat: a page, a streaming chat endpoint, and an OpenAI-compatible API, s
     python -m scripts.chat_web -i sft --num-workers 2 --port 8000 --api-key SECRET
 
 Endpoints: GET / (the page), GET /health, GET /stats, POST /chat/completions (SSE token stream for
-the page), POST /v1/chat/completions (OpenAI format, stream or not), GET /v1/models.
+the page), POST /v1/chat/completions (OpenAI format, stream or not), POST /v1/completions (raw text
+completion with prompt log-probabilities: lm-evaluation-harness's local-completions), GET /v1/models.
 
 A pool of workers, one model replica each (one per GPU; one on CPU). A request waits for a free
 worker in a bounded queue; when the queue is full the answer is 503 at once, never a hang.
@@ -29,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from nanochat.engine import Engine, Utf8Stream
+from nanochat.text_completion import complete
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Limits:
     max_n: int = 8
     max_queue: int = 16
     queue_timeout: float = 60.0
+    max_prompts: int = 64  # /v1/completions: prompts per request
+    max_prompt_tokens: int = 8192
 
 
 class APIError(Exception):
@@ -150,6 +154,57 @@ def validate(body, limits, openai):
     if options["stream"] and options["n"] > 1:
         raise APIError(400, "streaming supports n = 1 only")
     return messages, options
+
+
+def validate_completion(body, limits, vocab_size):
+    """/v1/completions -> (prompts, options): prompts as str or lists of token ids; APIError(400) otherwise."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    prompt = body.get("prompt")
+    is_ids = lambda x: isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)  # noqa: E731
+    if isinstance(prompt, str) or is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists")
+    if len(prompts) > limits.max_prompts:
+        raise APIError(400, f"too many prompts: {len(prompts)} > {limits.max_prompts}")
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p or len(p) > limits.max_total_chars:
+                raise APIError(400, f"prompt {i} must have 1 to {limits.max_total_chars} characters")
+        else:
+            if len(p) > limits.max_prompt_tokens:
+                raise APIError(400, f"prompt {i} has {len(p)} tokens; the limit is {limits.max_prompt_tokens}")
+            bad = next((t for t in p if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise APIError(400, f"prompt {i} has token id {bad}, outside the vocabulary [0, {vocab_size})")
+    options = {}
+    for name, default, lo, hi, kind in (("max_tokens", 16, 0, limits.max_tokens, int), ("temperature", 1.0, 0.0, 2.0, float),
+                                        ("top_p", 1.0, 1e-6, 1.0, float), ("seed", None, 0, 2**31 - 1, int),
+                                        ("logprobs", None, 0, 20, int), ("n", 1, 1, 1, int)):
+        value = body.get(name, default)
+        if value is None:
+            options[name] = default
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+            raise APIError(400, f"'{name}' must be a{'n integer' if kind is int else ' number'}")
+        if not lo <= value <= hi:
+            raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {value}")
+        options[name] = kind(value)
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise APIError(400, "'echo' must be true or false")
+    options["echo"] = echo
+    if body.get("stream"):
+        raise APIError(400, "streaming is not supported on /v1/completions; use /v1/chat/completions")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+        raise APIError(400, "'stop' must be a string or a list of at most 4 non-empty strings")
+    options["stop"] = stop
+    return prompts, options
 
 
 def generate_in_thread(worker, messages, options, emit, stop_event):
@@ -332,6 +387,33 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat"):
                             for i, (text, finish) in enumerate(zip(info["texts"], info["finish"]))],
                 "usage": {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
                           "total_tokens": info["prompt_tokens"] + info["completion_tokens"]}}
+
+    @app.post("/v1/completions")
+    async def text_completions(request: Request):
+        check_key(request)
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            raise APIError(400, f"malformed JSON: {e}")
+        prompts, options = validate_completion(body, limits, workers[0].tokenizer.get_vocab_size())
+        pool_full_check(pool)
+        worker = await pool.acquire()
+        try:
+            def work():
+                tok, seed = worker.tokenizer, options["seed"] if options["seed"] is not None else 0
+                return [complete(worker.engine, tok, tok.encode(p) if isinstance(p, str) else list(p),
+                                 options["max_tokens"], options["temperature"], options["top_p"], seed + i,
+                                 options["logprobs"], options["echo"], options["stop"], worker.autocast)
+                        for i, p in enumerate(prompts)]
+            choices = await asyncio.to_thread(work)
+        finally:
+            pool.release(worker)
+        prompt_tokens = sum(c.pop("prompt_tokens") for c in choices)
+        completion_tokens = sum(c.pop("completion_tokens") for c in choices)
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name, "choices": [dict(c, index=i) for i, c in enumerate(choices)],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
 
     return app
 

@@ -1,0 +1,299 @@
+"""
+Our checkpoints <-> the HuggingFace `transformers` NanoChat format (model_type "nanochat").
+
+transformers' NanoChatForCausalLM computes exactly our function: embedding -> RMSNorm -> blocks of
+(RMSNorm -> attention with RoPE then QK-norm, GQA) + (RMSNorm -> fc1, relu², fc2) -> RMSNorm ->
+untied lm_head -> tanh soft-cap 15. Its rotate_half is cat(x2, -x1), so its rotation of the pair
+(x1, x2) is (x1 cos + x2 sin, x2 cos - x1 sin): the same sign convention as our apply_rotary_emb,
+and q/k weights map unchanged. (The usual Llama rotate_half, cat(-x2, x1), would be the transpose
+rotation; a model exported for that would need q/k rows permuted. The tests plant that bug.)
+Norms have no weights on either side; our RMSNorm eps is torch's default for fp32, which we write
+as rms_norm_eps.
+
+The tokenizer becomes a `tokenizers` byte-level BPE (tokenizer.json): our split regex, every token
+as GPT-2 byte-to-unicode text under its own id, merges recovered from the ranks, our special tokens
+as added tokens, and `ignore_merges` on (tiktoken, which encodes our ids, takes a whole pre-token
+that is itself a token without merging). The chat template renders a conversation to the same ids
+as render_conversation. This file reads nothing from transformers: export needs only safetensors.
+"""
+
+import json
+import os
+
+import torch
+
+from nanochat.gpt import LOGIT_SOFTCAP, GPTConfig
+from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
+
+ROPE_THETA = 10000.0  # gpt.GPT._rotary_tables' base
+RMS_NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm(eps=None) on fp32 inputs
+
+
+class NotExportable(ValueError):
+    """The checkpoint's architecture has no transformers NanoChat equivalent."""
+
+
+# -------------------------------------------------------------------------------------------------
+# weights
+
+def hf_config(config, tokenizer):
+    bos = tokenizer.get_bos_token_id()
+    return {
+        "architectures": ["NanoChatForCausalLM"],
+        "model_type": "nanochat",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": 4 * config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "max_position_embeddings": config.sequence_len,
+        "hidden_act": "relu2",
+        "rms_norm_eps": RMS_NORM_EPS,
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
+        "final_logit_softcapping": LOGIT_SOFTCAP,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos,
+        "eos_token_id": [tokenizer.encode_special("<|assistant_end|>"), bos],
+        "pad_token_id": bos,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+def key_map(n_layer):
+    """Our state-dict keys -> transformers' (vocabulary-sized tensors are cut/padded separately)."""
+    mapping = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
+    for i in range(n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        for a, b in (("attn.c_q", "self_attn.q_proj"), ("attn.c_k", "self_attn.k_proj"), ("attn.c_v", "self_attn.v_proj"),
+                     ("attn.c_proj", "self_attn.o_proj"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            mapping[f"{ours}{a}.weight"] = f"{theirs}{b}.weight"
+    return mapping
+
+
+def to_hf_state_dict(state_dict, config):
+    """Our weights as transformers names them, vocabulary padding rows removed; refuses what does not map."""
+    if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+        raise NotExportable(f"heads do not divide the width: n_embd {config.n_embd}, n_head {config.n_head}, "
+                            f"n_kv_head {config.n_kv_head}")
+    mapping = key_map(config.n_layer)
+    state = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    unknown = sorted(set(state) - set(mapping))
+    missing = sorted(set(mapping) - set(state))
+    if unknown or missing:
+        raise NotExportable(f"this model's parameters do not match the NanoChat architecture "
+                            f"(no HF equivalent for {unknown[:5]}{'...' if len(unknown) > 5 else ''}; "
+                            f"missing {missing[:5]}); only the stock nanochat GPT can be exported")
+    out = {}
+    for ours, theirs in mapping.items():
+        tensor = state[ours]
+        if ours in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[:config.vocab_size]  # the real vocabulary: HF can never sample a padding id
+        out[theirs] = tensor.detach().to("cpu", torch.float32).contiguous().clone()
+    return out
+
+
+def from_hf_config(hf):
+    if hf.get("model_type") != "nanochat":
+        raise NotExportable(f"model_type is {hf.get('model_type')!r}, not 'nanochat'")
+    checks = {"hidden_act": "relu2", "attention_bias": False, "tie_word_embeddings": False}
+    for key, want in checks.items():
+        if hf.get(key, want) != want:
+            raise NotExportable(f"{key} = {hf.get(key)!r}; our GPT needs {want!r}")
+    if hf.get("final_logit_softcapping") != LOGIT_SOFTCAP:
+        raise NotExportable(f"final_logit_softcapping = {hf.get('final_logit_softcapping')}; ours is {LOGIT_SOFTCAP}")
+    rope = hf.get("rope_parameters") or {"rope_type": "default", "rope_theta": hf.get("rope_theta", ROPE_THETA)}
+    if rope.get("rope_type", "default") != "default" or float(rope.get("rope_theta", ROPE_THETA)) != ROPE_THETA:
+        raise NotExportable(f"rope {rope}; ours is default RoPE with theta {ROPE_THETA}")
+    if hf["intermediate_size"] != 4 * hf["hidden_size"]:
+        raise NotExportable(f"intermediate_size {hf['intermediate_size']} != 4 x hidden_size {hf['hidden_size']}")
+    return GPTConfig(sequence_len=hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"],
+                     n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                     n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"])
+
+
+def from_hf_state_dict(tensors, config):
+    """transformers' weights -> our state dict (vocabulary rows padded with zeros to our padded size)."""
+    padded = -(-config.vocab_size // 64) * 64  # GPT pads its vocabulary to a multiple of 64
+    inverse = {theirs: ours for ours, theirs in key_map(config.n_layer).items()}
+    unknown = sorted(set(tensors) - set(inverse))
+    missing = sorted(set(inverse) - set(tensors))
+    if unknown or missing:
+        raise NotExportable(f"unexpected tensors {unknown[:5]} / missing {missing[:5]} for a NanoChat model")
+    out = {}
+    for theirs, tensor in tensors.items():
+        ours = inverse[theirs]
+        tensor = tensor.to(torch.float32)
+        if ours in ("transformer.wte.weight", "lm_head.weight"):
+            if tensor.size(0) != config.vocab_size:
+                raise NotExportable(f"{theirs} has {tensor.size(0)} rows, vocab_size is {config.vocab_size}")
+            tensor = torch.cat([tensor, tensor.new_zeros(padded - tensor.size(0), tensor.size(1))])
+        out[ours] = tensor.contiguous()
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# tokenizer
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character table used by byte-level BPE files."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def merges_from_ranks(ranks):
+    """
+    Every (left, right) pair of earlier tokens whose concatenation is token r, ordered by r: tiktoken
+    merges any adjacent pair whose bytes form a token (lowest rank first), not only the pair training
+    created, so the HF file needs a rule for each such split.
+    """
+    rank_of = {token: r for r, token in enumerate(ranks)}
+    merges = []
+    for r, token in enumerate(ranks):
+        if r < 256:
+            continue
+        for i in range(1, len(token)):
+            left, right = rank_of.get(token[:i]), rank_of.get(token[i:])
+            if left is not None and right is not None and left < r and right < r:
+                merges.append((token[:i], token[i:]))
+    return merges
+
+
+def chat_template():
+    """Jinja that renders {'messages': [...]} exactly as RustBPETokenizer.render_conversation (BOS included)."""
+    return (
+        "{{- '<|bos|>' -}}"
+        "{%- set msgs = messages -%}"
+        "{%- if msgs and msgs[0]['role'] == 'system' -%}"
+        "{%- set msgs = [{'role': 'user', 'content': msgs[0]['content'] + '\\n\\n' + msgs[1]['content']}] + msgs[2:] -%}"
+        "{%- endif -%}"
+        "{%- for m in msgs -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{{- '<|user_start|>' + m['content'] + '<|user_end|>' -}}"
+        "{%- elif m['role'] == 'assistant' -%}"
+        "{{- '<|assistant_start|>' -}}"
+        "{%- if m['content'] is string -%}{{- m['content'] -}}"
+        "{%- else -%}{%- for part in m['content'] -%}"
+        "{%- if part['type'] == 'python' -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}"
+        "{%- elif part['type'] == 'python_output' -%}{{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}"
+        "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{{- '<|assistant_end|>' -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
+    )
+
+
+def tokenizer_files(tokenizer, model_max_length):
+    """(tokenizer.json, tokenizer_config.json) contents for `tokenizer`."""
+    table = bytes_to_unicode()
+    text = lambda token: "".join(table[b] for b in token)  # noqa: E731
+    ranks = tokenizer.get_mergeable_ranks()
+    vocab = {text(token): r for r, token in enumerate(ranks)}
+    added = [{"id": tokenizer.encode_special(name), "content": name, "single_word": False, "lstrip": False,
+              "rstrip": False, "normalized": False, "special": True} for name in SPECIAL_TOKENS]
+    tokenizer_json = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": tokenizer.get_pattern()}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": vocab, "merges": [[text(a), text(b)] for a, b in merges_from_ranks(ranks)]},
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|bos|>",
+        "eos_token": "<|assistant_end|>",
+        "pad_token": "<|bos|>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "chat_template": chat_template(),
+    }
+    return tokenizer_json, config
+
+
+def tokenizer_from_json(tokenizer_json):
+    """Our tokenizer from a tokenizers byte-level BPE file whose ids are ranks (as export writes them)."""
+    model = tokenizer_json.get("model", {})
+    if model.get("type") != "BPE":
+        raise NotExportable(f"tokenizer model is {model.get('type')!r}, not a byte-level BPE")
+    inverse = {c: b for b, c in bytes_to_unicode().items()}
+    by_id = {}
+    for piece, token_id in model["vocab"].items():
+        try:
+            by_id[token_id] = bytes(inverse[c] for c in piece)
+        except KeyError:
+            raise NotExportable(f"vocabulary entry {piece!r} is not byte-level BPE text") from None
+    if sorted(by_id) != list(range(len(by_id))):
+        raise NotExportable("the BPE ids are not contiguous from 0")
+    specials = {t["content"]: t["id"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")}
+    expected = {name: len(by_id) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    if specials != expected:
+        raise NotExportable(f"special tokens {specials} differ from ours {expected}")
+    pattern = None
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    for p in pre.get("pretokenizers", [pre]):
+        if p.get("type") == "Split":
+            pattern = p["pattern"].get("Regex")
+    if not pattern:
+        raise NotExportable("the tokenizer has no Split pre-tokenizer regex")
+    return RustBPETokenizer(pattern, [by_id[i] for i in range(len(by_id))])
+
+
+# -------------------------------------------------------------------------------------------------
+# folders
+
+def export_folder(model, tokenizer, out_dir):
+    """Writes config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json."""
+    from safetensors.torch import save_file
+    config = model.config
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise NotExportable(f"the tokenizer has {tokenizer.get_vocab_size()} ids, the model {config.vocab_size}")
+    tensors = to_hf_state_dict(model.state_dict(), config)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    cfg = hf_config(config, tokenizer)
+    generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
+                  "pad_token_id": cfg["pad_token_id"]}
+    tok_json, tok_config = tokenizer_files(tokenizer, config.sequence_len)
+    for name, payload in (("config.json", cfg), ("generation_config.json", generation),
+                          ("tokenizer.json", tok_json), ("tokenizer_config.json", tok_config)):
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            json.dump(payload, f, ensure_ascii=False, indent=1 if name != "tokenizer.json" else None)
+    return out_dir
+
+
+def import_folder(folder):
+    """(model state dict, GPTConfig, tokenizer) from a transformers NanoChat folder."""
+    from safetensors.torch import load_file
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not os.path.exists(os.path.join(folder, name)):
+            raise FileNotFoundError(f"{folder} has no {name}: not a transformers NanoChat model folder")
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        config = from_hf_config(json.load(f))
+    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+        tokenizer = tokenizer_from_json(json.load(f))
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise NotExportable(f"tokenizer has {tokenizer.get_vocab_size()} ids, config.vocab_size is {config.vocab_size}")
+    state = from_hf_state_dict(load_file(os.path.join(folder, "model.safetensors")), config)
+    return state, config, tokenizer

@@ -1,0 +1,41 @@
+"""
+Export a checkpoint as a HuggingFace transformers NanoChat model folder.
+
+    python -m scripts.export_hf -i sft --out hf_model/
+    # then, with no custom code:
+    #   AutoModelForCausalLM.from_pretrained("hf_model"); AutoTokenizer.from_pretrained("hf_model")
+
+Writes config.json, model.safetensors (fp32, the real vocabulary: padding rows removed),
+generation_config.json, tokenizer.json and tokenizer_config.json (byte-level BPE with our merges,
+split regex, special tokens and a chat template that renders conversations exactly as
+render_conversation). See nanochat/hf_format.py for the mapping. A model whose parameters do not
+match the NanoChat architecture is refused with the reason.
+"""
+
+import argparse
+
+from nanochat.checkpoint import load_model
+from nanochat.checkpoint import SOURCES
+from nanochat.hf_format import NotExportable, export_folder
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export a checkpoint as a transformers NanoChat folder.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-i", "--source", default="sft", choices=list(SOURCES), help="which stage's checkpoint")
+    p.add_argument("--model-tag", default=None, help="default: the largest model of that stage")
+    p.add_argument("--step", type=int, default=None, help="default: the last step")
+    p.add_argument("--out", required=True, help="the folder to write (created if missing)")
+    args = p.parse_args(argv)
+    try:
+        model, tokenizer, meta = load_model(args.source, "cpu", phase="eval", model_tag=args.model_tag, step=args.step)
+        export_folder(model, tokenizer, args.out)
+    except (FileNotFoundError, NotExportable) as e:
+        raise SystemExit(f"error: {e}")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"exported {args.source} step {meta['step']} ({n:,} parameters, vocabulary {model.config.vocab_size}) "
+          f"to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
