@@ -5,7 +5,8 @@
 # (or with NANOCHAT_PROFILE=tiny) it runs the same stages at a size a laptop CPU finishes quickly.
 #
 # Environment:
-#   NANOCHAT_PROFILE    auto (default: full with GPUs, else tiny) | tiny | full
+#   NANOCHAT_PROFILE    auto (default: full with GPUs, else tiny) | tiny | full | mini (a few steps per
+#                       stage: a check that everything runs, used by the end-to-end test)
 #   NANOCHAT_BASE_DIR   where every artifact goes (default ~/.cache/nanochat)
 #   NANOCHAT_DATA_URL   base URL of the pretraining shards (https://, http://127.0.0.1:..., file://)
 #   NANOCHAT_LOCAL_DATA a folder laid out like shared/data; its pretrain/ text becomes the shards
@@ -13,6 +14,8 @@
 #   WANDB_RUN           log to wandb under this run name (unset: no wandb)
 #   NANOCHAT_RL         1: run the RL stage (default on the tiny profile), 0: skip it (default on full)
 #   NPROC               processes per node for torchrun (default: the number of GPUs)
+#   NANOCHAT_DEVICE_BATCH  rows per GPU per micro-batch for pretraining (default 32 full, 8 tiny); lower
+#                       it when a GPU runs out of memory: gradient accumulation keeps the total batch
 #   extra torchrun flags for multi-node (e.g. "--nnodes=2 --node_rank=0 --rdzv_endpoint=host:29500")
 #                       go in TORCHRUN_ARGS; the default is --standalone.
 #
@@ -58,25 +61,41 @@ RUN="${WANDB_RUN:-}"
 echo "== profile: $PROFILE ($GPUS GPUs, $NPROC processes per node), artifacts in $NANOCHAT_BASE_DIR"
 
 if [ "$PROFILE" = full ]; then
-    DEPTH=20; SEQ=2048; VOCAB=32768; TOK_CHARS=2000000000; DEVICE_BATCH=32; TOTAL_BATCH=524288
-    FIRST_SHARDS=8; BASE_FLAGS=(--target-param-data-ratio 20)
+    DEPTH=20; SEQ=2048; VOCAB=32768; TOK_CHARS=2000000000; DEVICE_BATCH="${NANOCHAT_DEVICE_BATCH:-32}"; TOTAL_BATCH=524288
+    BASE_FLAGS=(--target-param-data-ratio 20)
     EVAL_TOKENS=$((20 * 524288)); CORE_MAX_PER_TASK=-1
+    BASE_FORMAT_FLAGS=(--max-problems 200)
     MID_FLAGS=(); CHAT_EVAL_FLAGS=()
     SFT_FLAGS=(--device-batch-size 4); RL_FLAGS=(--device-batch-size 8); RL_EVAL_FLAGS=(--num-samples 1)
     RL="${NANOCHAT_RL:-0}"   # RL adds ~1.5 h on 8xH100 for a few points of GSM8K: opt in with NANOCHAT_RL=1
 elif [ "$PROFILE" = tiny ]; then
-    DEPTH=4; SEQ=256; VOCAB=4096; TOK_CHARS=20000000; DEVICE_BATCH=16; TOTAL_BATCH=4096
-    FIRST_SHARDS=2; BASE_FLAGS=(--num-iterations 300 --head-dim 64 --eval-every 100 --sample-every 300 --save-every 100)
-    EVAL_TOKENS=$((32 * 256 * 16)); CORE_MAX_PER_TASK=100
-    MID_FLAGS=(--num-iterations 150 --eval-every 50); CHAT_EVAL_FLAGS=(--max-problems 50 --max-new-tokens 256)
+    # sized for ~20 minutes on 2 CPU cores (bench/README.md has the measured times per stage). Rows of 512
+    # tokens: most GSM8K solutions fit whole, so SFT sees their final '#### answer' line.
+    DEPTH=4; SEQ=512; VOCAB=4096; TOK_CHARS=20000000; DEVICE_BATCH="${NANOCHAT_DEVICE_BATCH:-8}"; TOTAL_BATCH=4096
+    BASE_FLAGS=(--num-iterations 200 --head-dim 64 --eval-every 50 --sample-every 200 --save-every 50)
+    EVAL_TOKENS=$((16 * 4096)); CORE_MAX_PER_TASK=60
+    BASE_FORMAT_FLAGS=(--max-problems 30 --max-new-tokens 256)
+    MID_FLAGS=(--num-iterations 120 --eval-every 40); CHAT_EVAL_FLAGS=(--max-problems 50 --max-new-tokens 256)
     SFT_FLAGS=(--device-batch-size 8 --examples-per-step 16 --num-iterations 150 --eval-every 50 --eval-steps 8
                --eval-metrics-every -1 --eval-problems 20)
-    RL_FLAGS=(--prompts-per-step 4 --num-samples 4 --max-new-tokens 128 --num-iterations 20 --eval-every -1
-              --eval-problems 20 --eval-samples 2 --save-every -1)
+    RL_FLAGS=(--prompts-per-step 4 --num-samples 4 --max-new-tokens 192 --num-iterations 20 --eval-every -1
+              --eval-problems 20 --eval-samples 2 --save-every 10)
     RL_EVAL_FLAGS=(--max-problems 50 --max-new-tokens 256)
     RL="${NANOCHAT_RL:-1}"
+elif [ "$PROFILE" = mini ]; then
+    # the tiny profile's stages at a few steps each: checks that everything runs (the end-to-end test)
+    DEPTH=2; SEQ=128; VOCAB=1024; TOK_CHARS=2000000; DEVICE_BATCH=8; TOTAL_BATCH=1024
+    BASE_FLAGS=(--num-iterations 12 --head-dim 64 --eval-every 6 --sample-every 12 --save-every 6)
+    EVAL_TOKENS=2048; CORE_MAX_PER_TASK=4; BASE_FORMAT_FLAGS=(--max-problems 2 --max-new-tokens 16)
+    MID_FLAGS=(--num-iterations 4 --eval-every 2); CHAT_EVAL_FLAGS=(--max-problems 4 --max-new-tokens 24)
+    SFT_FLAGS=(--device-batch-size 4 --examples-per-step 8 --num-iterations 4 --eval-every 2 --eval-steps 2
+               --eval-metrics-every -1 --eval-problems 2 --max-new-tokens 16)
+    RL_FLAGS=(--prompts-per-step 2 --num-samples 2 --max-new-tokens 16 --num-iterations 2 --eval-every -1
+              --eval-problems 2 --eval-samples 2 --save-every -1)
+    RL_EVAL_FLAGS=(--max-problems 4 --max-new-tokens 24)
+    RL="${NANOCHAT_RL:-1}"
 else
-    echo "error: NANOCHAT_PROFILE must be auto, tiny or full (got '$PROFILE')" >&2
+    echo "error: NANOCHAT_PROFILE must be auto, tiny, mini or full (got '$PROFILE')" >&2
     exit 1
 fi
 
@@ -123,9 +142,20 @@ if [ ! -f "$DONE_DIR/report-reset" ]; then
     "$PY" -m nanochat.report reset
     echo "reset" > "$DONE_DIR/report-reset"
 fi
+# shards for the tokenizer's text first; the number the base run needs is computed from the model
+# size and token budget (base_train --dry-run: tokens x chars/token / chars per shard, +10%) and
+# downloads in the background while the tokenizer trains, topped up once the tokenizer can measure
+# its real chars/token
+FIRST_SHARDS=$(( (TOK_CHARS + 249999999) / 250000000 ))
+shards_needed() {
+    "$PY" -m scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ" --device-batch-size "$DEVICE_BATCH" \
+        --total-batch-size "$TOTAL_BATCH" "${BASE_FLAGS[@]}" --dry-run 2>/dev/null \
+        | sed -n 's/^train shards needed: \([0-9]*\).*/\1/p'
+}
 SHARD_PID=""
+DOWNLOAD=0
 if [ -n "${NANOCHAT_DATA_URL:-}" ]; then
-    stage data-first "$PY" -m nanochat.dataset -n "$FIRST_SHARDS"
+    DOWNLOAD=1
 elif [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
     if [ ! -d "$NANOCHAT_LOCAL_DATA/pretrain" ]; then
         echo "error: NANOCHAT_LOCAL_DATA=$NANOCHAT_LOCAL_DATA has no pretrain/ folder of text to build shards from" >&2
@@ -133,12 +163,7 @@ elif [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
     fi
     stage data-prepare "$PY" -m nanochat.dataset prepare --input "$NANOCHAT_LOCAL_DATA/pretrain" --shard-chars 20000000
 elif "$PY" -c "import urllib.request; urllib.request.urlopen('https://huggingface.co', timeout=10)" 2>/dev/null; then
-    stage data-first "$PY" -m nanochat.dataset -n "$FIRST_SHARDS"
-    if [ "$PROFILE" = full ]; then
-        # the rest of the shards download while the tokenizer trains (~240 shards for d20 at 20 tokens/param)
-        "$PY" -m nanochat.dataset -n 240 > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
-        SHARD_PID=$!
-    fi
+    DOWNLOAD=1
 else
     cat >&2 <<'EOF'
 error: no pretraining data reachable. Either
@@ -149,6 +174,15 @@ error: no pretraining data reachable. Either
 EOF
     exit 1
 fi
+if [ "$DOWNLOAD" = 1 ]; then
+    stage data-first "$PY" -m nanochat.dataset -n "$FIRST_SHARDS"
+    NEED=$(shards_needed)
+    echo "== data: the base run needs ${NEED:-?} train shards (estimate before the tokenizer exists)"
+    if [ -n "$NEED" ] && [ "$NEED" -gt "$FIRST_SHARDS" ]; then
+        "$PY" -m nanochat.dataset -n "$NEED" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
+        SHARD_PID=$!
+    fi
+fi
 
 # ------------------------------------------------------------------------------------------------
 # tokenizer
@@ -158,6 +192,11 @@ stage tok-eval "$PY" -m scripts.tok_eval
 if [ -n "$SHARD_PID" ]; then
     echo "== waiting for the shard download to finish (log: $NANOCHAT_BASE_DIR/download.log)"
     wait "$SHARD_PID" || { echo "error: stage 'data-rest' failed; see $NANOCHAT_BASE_DIR/download.log" >&2; exit 1; }
+fi
+if [ "$DOWNLOAD" = 1 ]; then
+    NEED=$(shards_needed)  # now with the tokenizer's measured chars/token
+    [ -n "$NEED" ] || { echo "error: could not compute the number of shards (run the base_train --dry-run by hand)" >&2; exit 1; }
+    stage data-rest "$PY" -m nanochat.dataset -n "$NEED"
 fi
 
 # ------------------------------------------------------------------------------------------------
@@ -171,6 +210,8 @@ stage base-train launch scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ"
 stage base-loss launch scripts.base_loss --model-tag "$TAG" --device-batch-size "$DEVICE_BATCH" \
     --split-tokens "$EVAL_TOKENS"
 stage base-eval launch scripts.base_eval --model-tag "$TAG" --max-per-task "$CORE_MAX_PER_TASK"
+# the base model on GSM8K: its share of answers in the '#### <number>' format is the baseline SFT must beat
+stage base-gsm8k launch scripts.chat_eval -i base --model-tag "$TAG" -a GSM8K "${BASE_FORMAT_FLAGS[@]}"
 
 # ------------------------------------------------------------------------------------------------
 # midtraining (chat format, tool use, multiple choice) and its chat evaluation

@@ -110,6 +110,30 @@ def list_shards(split):
     return [os.path.join(directory, name) for name in names]
 
 
+# The remote FineWeb-Edu shards hold ~250M characters each, and a 32k-vocabulary BPE of this kind
+# encodes that text at ~4.8 characters per token; plans use measured values when shards (and a
+# tokenizer, measured by the caller) are at hand, these only before anything is downloaded.
+REMOTE_SHARD_CHARS = 250_000_000
+
+
+def shard_chars(path, max_rows=None):
+    """Characters of text in one shard (all rows, or the first max_rows)."""
+    pf = _open_shard(path)
+    total = rows = 0
+    for batch in pf.iter_batches(columns=["text"]):
+        for text in batch.column(0).to_pylist():
+            total += len(text)
+            rows += 1
+            if max_rows and rows >= max_rows:
+                return total
+    return total
+
+
+def shards_needed(total_tokens, chars_per_token, chars_per_shard, margin=1.1):
+    """Train shards holding total_tokens of text, with a margin (documents cropped by packing, variance)."""
+    return max(1, int(-(-total_tokens * chars_per_token * margin // chars_per_shard)))
+
+
 # -------------------------------------------------------------------------------------------------
 # reading
 

@@ -17,7 +17,7 @@ from nanochat.common import atomic_write, get_base_dir, get_rank
 # pipeline order; sections not listed here come after, alphabetically
 SECTION_ORDER = [
     "header", "tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-loss",
-    "base-model-evaluation", "midtraining", "chat-evaluation-mid", "chat-sft", "chat-evaluation-sft",
+    "base-model-evaluation", "chat-evaluation-base", "midtraining", "chat-evaluation-mid", "chat-sft", "chat-evaluation-sft",
     "chat-rl", "chat-evaluation-rl",
 ]
 
@@ -160,8 +160,9 @@ def loss_curve_svg(base_dir, width=640, height=320):
     import glob
     import json
     series = []
+    # RL is left out: its loss is a policy-gradient surrogate around 0, not a cross-entropy (its reward is in its section)
     for stage, color in (("base_checkpoints", "#1f77b4"), ("mid_checkpoints", "#ff7f0e"),
-                         ("chatsft_checkpoints", "#2ca02c"), ("chatrl_checkpoints", "#d62728")):
+                         ("chatsft_checkpoints", "#2ca02c")):
         files = sorted(glob.glob(os.path.join(base_dir, stage, "*", "metrics.jsonl")), key=os.path.getmtime)
         if not files:
             continue

@@ -114,6 +114,27 @@ def estimate_memory(model, args, world_size, dtype):
     return {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations}
 
 
+def plan_shards(total_tokens, tokenizer):
+    """'train shards needed: N (...)': from the token budget, the text per shard and characters per token,
+    each measured on the first local train shard when there is one (and a tokenizer), else the remote's."""
+    import pyarrow.parquet as pq
+
+    from nanochat.dataset import REMOTE_SHARD_CHARS, list_shards, shard_chars, shards_needed
+    try:
+        first = list_shards("train")[0]
+    except FileNotFoundError:
+        first = None
+    per_shard = shard_chars(first) if first else REMOTE_SHARD_CHARS
+    chars_per_token, how = 4.8, "assumed: no tokenizer or shard yet"
+    if first and tokenizer is not None:
+        sample = next(pq.ParquetFile(first).iter_batches(columns=["text"], batch_size=256)).column(0).to_pylist()
+        tokens = sum(len(ids) for ids in tokenizer.encode(sample))
+        chars_per_token, how = sum(map(len, sample)) / max(tokens, 1), "measured"
+    n = shards_needed(total_tokens, chars_per_token, per_shard)
+    return (f"train shards needed: {n} ({total_tokens:,} tokens x {chars_per_token:.2f} chars/token ({how}) "
+            f"/ {per_shard:,} chars per shard, +10%)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -126,6 +147,7 @@ def main(argv=None):
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     print0(f"flags: {vars(args)}")
 
+    tokenizer = None
     try:
         tokenizer = get_tokenizer()
         token_bytes = get_token_bytes(device=device)
@@ -189,6 +211,7 @@ def main(argv=None):
         seconds = flops_per_token * total_tokens / (assumed_peak * assumed_world * args.assume_mfu)
         print0(f"estimated wall time on {assumed_world} x {assumed} at {args.assume_mfu:.0%} MFU: "
                f"{seconds / 3600:.2f} h ({flops_per_token * total_tokens:.3e} FLOPs)")
+        print0(plan_shards(total_tokens, tokenizer))
         print0("dry run: nothing trained, nothing written")
         compute_cleanup()
         return

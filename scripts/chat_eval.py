@@ -55,7 +55,7 @@ def main(argv=None):
     print0(f"ChatCORE = mean over the evaluated tasks of (accuracy - chance) / (1 - chance); "
            f"chance: {', '.join(f'{n} {registry[n][1]:.2f}' for n in names)}")
 
-    results, centered = {}, {}
+    results, centered, formats = {}, {}, {}
     for name in names:
         t0 = time.time()
         make_task, chance = registry[name]
@@ -66,6 +66,8 @@ def main(argv=None):
         correct, total = result["correct"], result["total"]
         accuracy = correct / max(total, 1)
         results[name] = accuracy
+        if "well-formed" in result:  # answers in the task's format, right or wrong: the first thing SFT teaches
+            formats[f"{name} well-formed"] = result["well-formed"]
         centered[name] = (accuracy - chance) / (1 - chance)
         print0(f"{name}: {correct}/{total} = {100 * accuracy:.2f}% (centered {centered[name]:+.4f}) "
                f"in {time.time() - t0:.0f}s")
@@ -74,7 +76,7 @@ def main(argv=None):
     get_report().log(f"Chat evaluation {args.source}", [
         {"source": args.source, "step": meta["step"], "max problems": args.max_problems,
          "num samples": args.num_samples, "temperature": args.temperature},
-        results, {"ChatCORE": chatcore, "ChatCORE tasks": ", ".join(centered)}])
+        results, {"ChatCORE": chatcore, "ChatCORE tasks": ", ".join(centered)}, formats])
     compute_cleanup()
 
 
