@@ -62,7 +62,7 @@ echo "== profile: $PROFILE ($GPUS GPUs, $NPROC processes per node), artifacts in
 
 if [ "$PROFILE" = full ]; then
     DEPTH=20; SEQ=2048; VOCAB=32768; TOK_CHARS=2000000000; DEVICE_BATCH="${NANOCHAT_DEVICE_BATCH:-32}"; TOTAL_BATCH=524288
-    BASE_FLAGS=(--target-param-data-ratio 20)
+    BASE_FLAGS=(--target-param-data-ratio 20 --compile)
     EVAL_TOKENS=$((20 * 524288)); CORE_MAX_PER_TASK=-1
     BASE_FORMAT_FLAGS=(--max-problems 200)
     MID_FLAGS=(); CHAT_EVAL_FLAGS=()

@@ -99,3 +99,34 @@ class MetricsLog:
 def eta_seconds(train_time, steps_done, steps_left):
     """Remaining time from the mean step time so far (nan before the first timed step)."""
     return train_time / steps_done * steps_left if steps_done > 0 else float("nan")
+
+
+def scale_initial_lrs(optimizers, frac):
+    """Post-training starts from a share of the base run's LRs: every group's lr and initial_lr times frac."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = group["initial_lr"] * frac
+
+
+def resume_run(checkpoint_dir, model, optimizers, args, same_flags, device, rank):
+    """
+    Loads the latest checkpoint of checkpoint_dir (weights, this rank's optimizer state) for --resume
+    and returns its saved loop state. The flags in same_flags must equal the checkpoint's: they decide
+    which data each step sees, and a resume with others would silently train on a different run.
+    """
+    from nanochat.checkpoint import find_last_step, load_checkpoint
+    try:
+        step = find_last_step(checkpoint_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: nothing to resume: {e}")
+    state, optim_states, _, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+    saved = meta.get("flags", {})
+    for flag in same_flags:
+        if saved.get(flag) != getattr(args, flag):
+            raise SystemExit(f"error: {checkpoint_dir} step {step} was trained with --{flag.replace('_', '-')} "
+                             f"{saved.get(flag)}, this run has {getattr(args, flag)}: the data order would not "
+                             f"continue; resume with the same flags or use a new --out-tag")
+    model.load_state_dict(state, strict=True)
+    for opt, s in zip(optimizers, optim_states):
+        opt.load_state_dict(s)
+    return meta["loop"]

@@ -23,14 +23,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import (SOURCES, add_checkpoint_args, find_last_step, load_checkpoint, load_model,
-                                 save_checkpoint)
+from nanochat.checkpoint import SOURCES, add_checkpoint_args, load_model, save_checkpoint
 from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype, print0
 from nanochat.dataloader import sft_batch
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.task_eval import evaluate_task
-from nanochat.training import MetricsLog, apply_schedule, eta_seconds, train_step
+from nanochat.training import (MetricsLog, apply_schedule, eta_seconds, resume_run, scale_initial_lrs,
+                               train_step)
 
 IDENTITY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "data",
                              "identity_conversations.jsonl")
@@ -131,26 +131,12 @@ def main(argv=None):
 
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, ns_dtype=dtype)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] = group["initial_lr"] * args.init_lr_frac
+    scale_initial_lrs(optimizers, args.init_lr_frac)
     loop = {"step": 0, "train_time": 0.0, "smooth_loss": 0.0, "val_loss": None, "metrics": {}}
     if args.resume:
-        try:
-            step = find_last_step(checkpoint_dir)
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: nothing to resume: {e}")
-        state, optim_states, _, ck_meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
-        for flag in ("examples_per_step", "max_seq_len", "seed", "num_iterations", "num_epochs"):
-            if ck_meta.get("flags", {}).get(flag) != getattr(args, flag):
-                raise SystemExit(f"error: {checkpoint_dir} step {step} was trained with --{flag.replace('_', '-')} "
-                                 f"{ck_meta.get('flags', {}).get(flag)}, this run has {getattr(args, flag)}: the run "
-                                 f"would not continue; resume with the same flags or use a new --out-tag")
-        model.load_state_dict(state, strict=True)
-        for opt, s in zip(optimizers, optim_states):
-            opt.load_state_dict(s)
-        loop = ck_meta["loop"]
-        print0(f"resumed from {checkpoint_dir} step {step}")
+        same_flags = ("examples_per_step", "max_seq_len", "seed", "num_iterations", "num_epochs")
+        loop = resume_run(checkpoint_dir, model, optimizers, args, same_flags, device, rank)
+        print0(f"resumed from {checkpoint_dir} step {loop['step']}")
     engine = Engine(model, tokenizer)
     append_metrics = MetricsLog(checkpoint_dir, master).append
     wandb_run = DummyWandb()
