@@ -80,7 +80,7 @@ def main(argv=None):
     p.add_argument("--matrix-lr", type=float, default=0.02)
     p.add_argument("--init-lr-frac", type=float, default=0.02, help="LR as a share of the base run's")
     p.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1: end only)")
-    p.add_argument("--eval-steps", type=int, default=50, help="val micro-batches per evaluation")
+    p.add_argument("--eval-steps", type=int, default=50, help="val micro-batches per evaluation (all ranks together)")
     p.add_argument("--eval-metrics-every", type=int, default=200, help="quick task accuracy every N steps (-1: end only)")
     p.add_argument("--eval-problems", type=int, default=100, help="problems per task in the quick accuracy (0: none)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest GSM8K answer in the quick accuracy")
@@ -154,11 +154,11 @@ def main(argv=None):
 
     @torch.no_grad()
     def val_loss():
-        """Mean masked loss over this many val micro-batches per rank, all ranks summed."""
+        """Mean masked loss over the first eval_steps val micro-batches, shared out over the ranks."""
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=device)
-        for b in range(args.eval_steps):
-            first = (b * world_size + rank) * args.device_batch_size
+        for b in range(rank, args.eval_steps, world_size):
+            first = b * args.device_batch_size
             rows = [val_data[(first + j) % len(val_data)] for j in range(args.device_batch_size)]
             x, y, _ = sft_batch(rows, pad_id, T, device)
             with autocast:

@@ -88,3 +88,38 @@ def test_the_final_model_answers_in_chat_cli(pipeline):
                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
+
+
+def speedrun_env(tmp_path, **extra):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"), NANOCHAT_VENV=sys.prefix, NANOCHAT_PROFILE="mini")
+    for key in ("NANOCHAT_DATA_URL", "NANOCHAT_LOCAL_DATA"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def test_no_data_source_stops_at_once_saying_what_to_set(tmp_path):
+    import urllib.request
+    try:
+        urllib.request.urlopen("https://huggingface.co", timeout=5)
+        pytest.skip("this machine reaches the hub, so speedrun.sh would download")
+    except OSError:
+        pass
+    r = subprocess.run(["bash", "speedrun.sh"], cwd=REPO_ROOT, env=speedrun_env(tmp_path), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0
+    assert "NANOCHAT_DATA_URL" in r.stderr and "NANOCHAT_LOCAL_DATA" in r.stderr
+    assert not os.path.exists(tmp_path / "base" / "tokenizer")
+
+
+def test_a_failing_stage_is_named_and_stops_the_run(tmp_path):
+    empty = tmp_path / "data"
+    (empty / "pretrain").mkdir(parents=True)  # a local copy with no text in it: shards cannot be built
+    r = subprocess.run(["bash", "speedrun.sh"], cwd=REPO_ROOT, env=speedrun_env(tmp_path, NANOCHAT_LOCAL_DATA=str(empty)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "error: stage 'data-prepare' failed" in r.stderr
+    assert "== tok-train" not in r.stdout  # nothing after the failed stage ran
+    bad = subprocess.run(["bash", "speedrun.sh"], cwd=REPO_ROOT, env=speedrun_env(tmp_path, NANOCHAT_PROFILE="huge"),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "NANOCHAT_PROFILE must be" in bad.stderr

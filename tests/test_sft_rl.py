@@ -319,3 +319,29 @@ def test_sft_then_rl_two_steps_each_loadable_and_resumable(tiny, base_dir):
     report = open(os.path.join(base_dir, "report", "chat-rl.md"), encoding="utf-8").read()
     assert "first step mean reward" in report
     assert "final val loss" in open(os.path.join(base_dir, "report", "chat-sft.md"), encoding="utf-8").read()
+
+
+def run_torchrun(base_dir, nproc, module, *flags):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=SHARED_DATA, OMP_NUM_THREADS="1")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    r = subprocess.run([torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", module, "--dtype", "float32",
+                        *flags], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_sft_and_rl_on_two_ranks_equal_one(tiny, base_dir):
+    """2 gloo ranks take the same conversations / problems as 1 process: same losses, same rollouts."""
+    for nproc in (1, 2):
+        run_torchrun(base_dir, nproc, "scripts.chat_sft", *SFT_FLAGS, "--eval-problems", "0", "--num-iterations", "2",
+                     "--out-tag", f"n{nproc}")
+    one, two = (metrics(base_dir, "chatsft_checkpoints", f"n{n}") for n in (1, 2))
+    assert [m["loss"] for m in one if "loss" in m] == pytest.approx([m["loss"] for m in two if "loss" in m], rel=1e-4)
+    assert [m["tokens"] for m in one if "tokens" in m] == [m["tokens"] for m in two if "tokens" in m]
+    assert [m["val_loss"] for m in one if "val_loss" in m] == pytest.approx(
+        [m["val_loss"] for m in two if "val_loss" in m], rel=1e-4)
+    for nproc in (1, 2):
+        run_torchrun(base_dir, nproc, "scripts.chat_rl", *RL_FLAGS, "--eval-problems", "0", "--num-iterations", "2",
+                     "--model-tag", "n1", "--out-tag", f"n{nproc}")
+    one, two = (metrics(base_dir, "chatrl_checkpoints", f"n{n}") for n in (1, 2))
+    key = lambda m: (m["mean_reward"], m["sampled_tokens"])  # noqa: E731
+    assert [key(m) for m in one if "mean_reward" in m] == [key(m) for m in two if "mean_reward" in m]
