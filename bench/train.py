@@ -29,6 +29,7 @@ def worker(args):
     import torch
     from nanochat.common import autocast_ctx, measure_matmul_peak
     from nanochat.gpt import GPT, config_for_depth
+    from nanochat.training import train_step
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device("cpu")
@@ -42,14 +43,8 @@ def worker(args):
     x = torch.randint(0, args.vocab, (args.batch, args.seq))
     y = torch.randint(0, args.vocab, (args.batch, args.seq))
 
-    def step():
-        with autocast:
-            loss = train_model(x, y)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        return loss.item()
+    def step():  # the step scripts.base_train takes (nanochat.training.train_step), one micro-batch
+        return train_step(train_model, optimizers, [(x, y)], autocast)[0]
 
     t0 = time.perf_counter()
     for _ in range(args.warmup):  # includes compilation

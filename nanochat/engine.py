@@ -211,9 +211,7 @@ class Engine:
                 forced.append(int(is_forced))
                 if token in self.stop_ids and not is_forced:
                     row.done = True
-                elif not tools:
-                    pass
-                elif token == self.python_start:
+                elif tools and token == self.python_start:
                     row.in_python, row.expr_tokens = True, []
                 elif token == self.python_end and row.in_python:
                     row.in_python = False
@@ -227,14 +225,14 @@ class Engine:
             feed = [t if t is not None else self.tokenizer.get_bos_token_id() for t in column]
             logits = self.model(torch.tensor(feed, dtype=torch.long, device=device).view(-1, 1), kv_cache=cache)[:, -1, :]
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """Runs generate to the end. Returns (rows, masks): each row is prompt + new tokens (without the
-        stop token), masks mark sampled tokens 1 and prompt/forced tokens 0."""
+    def generate_batch(self, tokens, num_samples=1, keep_stop=False, **kwargs):
+        """Runs generate to the end. Returns (rows, masks): each row is prompt + new tokens (the sampled
+        stop token too with keep_stop, else not), masks mark sampled tokens 1 and prompt/forced tokens 0."""
         rows = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         for column, forced in self.generate(tokens, num_samples=num_samples, **kwargs):
             for i, (token, was_forced) in enumerate(zip(column, forced)):
-                if token is None or (token in self.stop_ids and not was_forced):
+                if token is None or (token in self.stop_ids and not was_forced and not keep_stop):
                     continue
                 rows[i].append(token)
                 masks[i].append(0 if was_forced else 1)

@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from nanochat.common import atomic_write
 from nanochat.gpt import LOGIT_SOFTCAP, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
@@ -80,9 +81,8 @@ def to_hf_state_dict(state_dict, config):
         raise NotExportable(f"heads do not divide the width: n_embd {config.n_embd}, n_head {config.n_head}, "
                             f"n_kv_head {config.n_kv_head}")
     mapping = key_map(config.n_layer)
-    state = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
-    unknown = sorted(set(state) - set(mapping))
-    missing = sorted(set(mapping) - set(state))
+    state = state_dict
+    unknown, missing = sorted(set(state) - set(mapping)), sorted(set(mapping) - set(state))
     if unknown or missing:
         raise NotExportable(f"this model's parameters do not match the NanoChat architecture "
                             f"(no HF equivalent for {unknown[:5]}{'...' if len(unknown) > 5 else ''}; "
@@ -265,21 +265,22 @@ def tokenizer_from_json(tokenizer_json):
 
 def export_folder(model, tokenizer, out_dir):
     """Writes config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     config = model.config
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise NotExportable(f"the tokenizer has {tokenizer.get_vocab_size()} ids, the model {config.vocab_size}")
     tensors = to_hf_state_dict(model.state_dict(), config)
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with atomic_write(os.path.join(out_dir, "model.safetensors"), "wb") as f:  # a crash leaves no half file
+        f.write(save(tensors, metadata={"format": "pt"}))
     cfg = hf_config(config, tokenizer)
     generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
                   "pad_token_id": cfg["pad_token_id"]}
     tok_json, tok_config = tokenizer_files(tokenizer, config.sequence_len)
     for name, payload in (("config.json", cfg), ("generation_config.json", generation),
                           ("tokenizer.json", tok_json), ("tokenizer_config.json", tok_config)):
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-            json.dump(payload, f, ensure_ascii=False, indent=1 if name != "tokenizer.json" else None)
+        text = json.dumps(payload, ensure_ascii=False, indent=1 if name != "tokenizer.json" else None)
+        with atomic_write(os.path.join(out_dir, name), "wb") as f:
+            f.write(text.encode("utf-8"))
     return out_dir
 
 

@@ -25,6 +25,8 @@ Simplified from GRPO (DeepSeekMath), on purpose:
 
 import torch
 
+from nanochat.dataloader import sft_batch
+
 
 def group_advantages(rewards):
     """reward - mean reward of the group (a float32 tensor)."""
@@ -38,19 +40,15 @@ def rollout(engine, prompt, num_samples, max_tokens, temperature=1.0, top_k=None
     prompt plus every generated token (a sampled stop token included: stopping is a choice too),
     its mask 1 exactly on sampled tokens, and the decoded text of each completion without the stop.
     """
-    sequences = [list(prompt) for _ in range(num_samples)]
-    masks = [[0] * len(prompt) for _ in range(num_samples)]
-    new_tokens = [[] for _ in range(num_samples)]
-    for column, forced in engine.generate(prompt, num_samples=num_samples, max_tokens=max_tokens,
-                                          temperature=temperature, top_k=top_k, seed=seed):
-        for i, (token, was_forced) in enumerate(zip(column, forced)):
-            if token is None:
-                continue
-            sequences[i].append(token)
-            masks[i].append(0 if was_forced else 1)
-            if was_forced or token not in engine.stop_ids:
-                new_tokens[i].append(token)
-    return sequences, masks, [engine.tokenizer.decode(t) for t in new_tokens]
+    sequences, masks = engine.generate_batch(prompt, num_samples=num_samples, keep_stop=True, max_tokens=max_tokens,
+                                             temperature=temperature, top_k=top_k, seed=seed)
+    completions = []
+    for seq, mask in zip(sequences, masks):
+        new = seq[len(prompt):]
+        if new and mask[-1] and new[-1] in engine.stop_ids:  # a sampled stop ends the row: not part of the text
+            new = new[:-1]
+        completions.append(engine.tokenizer.decode(new))
+    return sequences, masks, completions
 
 
 def pg_micro_batches(sequences, masks, advantages, pad_id, device_batch_size, device="cpu"):
@@ -63,15 +61,7 @@ def pg_micro_batches(sequences, masks, advantages, pad_id, device_batch_size, de
     batches = []
     for start in range(0, len(rows), device_batch_size):
         chunk = rows[start:start + device_batch_size]
-        width = max(len(s) for s, _, _ in chunk) - 1
-        x = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        y = torch.full((len(chunk), width), -1, dtype=torch.long)
-        for r, (seq, mask, _) in enumerate(chunk):
-            n = len(seq) - 1
-            x[r, :n] = torch.tensor(seq[:-1], dtype=torch.long)
-            targets = torch.tensor(seq[1:], dtype=torch.long)
-            targets[~torch.tensor(mask[1:], dtype=torch.bool)] = -1
-            y[r, :n] = targets
-        adv = torch.tensor([a for _, _, a in chunk], dtype=torch.float32)
-        batches.append((x.to(device), y.to(device), adv.to(device)))
+        longest = max(len(s) for s, _, _ in chunk)
+        x, y, _ = sft_batch([(s, m) for s, m, _ in chunk], pad_id, longest, device)  # same padding and masking
+        batches.append((x, y, torch.tensor([a for _, _, a in chunk], dtype=torch.float32, device=device)))
     return batches

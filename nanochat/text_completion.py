@@ -25,18 +25,13 @@ def complete(engine, tokenizer, prompt_ids, max_tokens, temperature, top_p, seed
     bos = tokenizer.get_bos_token_id()
     context = prompt_ids if prompt_ids and prompt_ids[0] == bos else [bos] + prompt_ids
     offset = len(context) - len(prompt_ids)  # 1 when the BOS was implicit
-    new, finish = [], "length"
+    new = []
     if max_tokens > 0:
         with autocast:
-            for column, _ in engine.generate(context, num_samples=1, max_tokens=max_tokens, temperature=temperature,
-                                             top_p=top_p, seed=seed, tools=False):
-                token = column[0]
-                if token is None:
-                    break
-                if token in engine.stop_ids:
-                    finish = "stop"
-                    break
-                new.append(token)
+            rows, _ = engine.generate_batch(context, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                            seed=seed, tools=False)
+        new = rows[0][len(context):]
+    finish = "stop" if len(new) < max_tokens else "length"  # fewer tokens than asked: a stop token ended it
     text = tokenizer.decode(new)
     for s in stop:
         if s in text:

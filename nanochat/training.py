@@ -32,7 +32,8 @@ def apply_schedule(optimizers, lr_multiplier, momentum=None):
 
 
 def _all_sum(value, device):
-    t = torch.tensor(value, dtype=torch.float64, device=device)
+    """value (a number or a 0-d tensor) summed over the ranks, as a Python float."""
+    t = torch.as_tensor(value, device=device).to(torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.item()
@@ -47,7 +48,7 @@ def accumulate_gradients(model, micro_batches, autocast, world_size=1):
     tokens, and that count (0 when there is none anywhere: then no gradient is made).
     """
     device = micro_batches[0][0].device if micro_batches else model.get_device()
-    local_tokens = sum(int((mb[1] != -1).sum()) for mb in micro_batches)
+    local_tokens = sum((mb[1] != -1).sum() for mb in micro_batches)  # a tensor: one sync below, not one per batch
     tokens = int(_all_sum(local_tokens, device))
     if tokens == 0:
         return 0.0, 0
@@ -68,7 +69,7 @@ def accumulate_gradients(model, micro_batches, autocast, world_size=1):
         for p in model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-    return _all_sum(step_loss.item(), device) / tokens, tokens
+    return _all_sum(step_loss, device) / tokens, tokens
 
 
 def train_step(model, optimizers, micro_batches, autocast, world_size=1):
@@ -101,13 +102,6 @@ def eta_seconds(train_time, steps_done, steps_left):
     return train_time / steps_done * steps_left if steps_done > 0 else float("nan")
 
 
-def scale_initial_lrs(optimizers, frac):
-    """Post-training starts from a share of the base run's LRs: every group's lr and initial_lr times frac."""
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] = group["initial_lr"] * frac
-
-
 def resume_run(checkpoint_dir, model, optimizers, args, same_flags, device, rank):
     """
     Loads the latest checkpoint of checkpoint_dir (weights, this rank's optimizer state) for --resume
@@ -130,3 +124,53 @@ def resume_run(checkpoint_dir, model, optimizers, args, same_flags, device, rank
     for opt, s in zip(optimizers, optim_states):
         opt.load_state_dict(s)
     return meta["loop"]
+
+
+# -------------------------------------------------------------------------------------------------
+# what the post-training stages (mid, SFT, RL) share around their loops
+
+
+def add_stage_args(parser, stage, init_lr_frac, seed, save_every=-1):
+    """The flags every post-training stage has: output tag, wandb run, LRs, checkpointing, seed."""
+    parser.add_argument("--out-tag", default=None, help=f"tag of the {stage} checkpoint (default: the input's tag)")
+    parser.add_argument("--run", default=None, help="wandb run name (no wandb when unset)")
+    parser.add_argument("--embedding-lr", type=float, default=0.2)
+    parser.add_argument("--unembedding-lr", type=float, default=0.004)
+    parser.add_argument("--matrix-lr", type=float, default=0.02)
+    parser.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="LR as a share of the base run's")
+    parser.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps (-1: end only)")
+    parser.add_argument("--resume", action="store_true", help=f"continue the latest {stage} checkpoint of --out-tag")
+    parser.add_argument("--stop-after-step", type=int, default=-1, help="save and exit at this step")
+    parser.add_argument("--seed", type=int, default=seed, help="data order (and sampling) seed (positive)")
+
+
+def parse_stage_args(parser, argv):
+    args = parser.parse_args(argv)
+    if args.seed <= 0:
+        parser.error("--seed must be positive (seeds 1 and -1 give the same Python stream)")
+    return args
+
+
+def load_stage_model(args, stage, device):
+    """
+    (model, tokenizer, meta, checkpoint_dir): the input checkpoint (-i/--model-tag/--step) ready to
+    train, and where this stage writes: <stage>_checkpoints/<--out-tag, else the input's tag>.
+    """
+    from nanochat.checkpoint import SOURCES, load_model
+    from nanochat.common import get_base_dir
+    try:
+        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    out_tag = args.out_tag or args.model_tag or meta.get("flags", {}).get("model_tag") or f"d{model.config.n_layer}"
+    return model, tokenizer, meta, os.path.join(get_base_dir(), SOURCES[stage], out_tag)
+
+
+def stage_optimizers(model, args, dtype):
+    """The base run's optimizers (Muon + AdamW) at --init-lr-frac of the flags' LRs."""
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                        matrix_lr=args.matrix_lr, ns_dtype=dtype)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = group["initial_lr"] * args.init_lr_frac
+    return optimizers

@@ -15,29 +15,27 @@ and pass@k on GSM8K test (k = --eval-samples at temperature --temperature).
 
 import argparse
 import math
-import os
 import random
 import time
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import SOURCES, add_checkpoint_args, load_model, save_checkpoint
-from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype, print0
+from nanochat.checkpoint import add_checkpoint_args, save_checkpoint
+from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, parse_dtype, print0
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.rl import group_advantages, pg_micro_batches, rollout
 from nanochat.task_eval import evaluate_task
-from nanochat.training import (MetricsLog, apply_schedule, eta_seconds, resume_run, scale_initial_lrs,
-                               train_step)
+from nanochat.training import (MetricsLog, add_stage_args, apply_schedule, eta_seconds, load_stage_model,
+                               parse_stage_args, resume_run, stage_optimizers, train_step)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="RL on GSM8K with group-relative advantages.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_checkpoint_args(p, default_source="sft")
-    p.add_argument("--out-tag", default=None, help="tag of the RL checkpoint (default: the input's tag)")
-    p.add_argument("--run", default=None, help="wandb run name (no wandb when unset)")
+    add_stage_args(p, "RL", init_lr_frac=0.05, seed=13, save_every=60)
     p.add_argument("--prompts-per-step", type=int, default=16, help="GSM8K problems per step, all ranks")
     p.add_argument("--num-samples", type=int, default=16, help="completions sampled per problem (the group)")
     p.add_argument("--device-batch-size", type=int, default=8, help="rows per training forward pass")
@@ -46,20 +44,10 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=50, help="sampling top-k (0 = all)")
     p.add_argument("--num-epochs", type=int, default=1, help="passes over GSM8K train (when --num-iterations is -1)")
     p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: --num-epochs passes)")
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--init-lr-frac", type=float, default=0.05, help="LR as a share of the base run's")
     p.add_argument("--eval-every", type=int, default=60, help="pass@k on GSM8K test every N steps (-1: end only)")
     p.add_argument("--eval-problems", type=int, default=400, help="GSM8K test problems per evaluation (0: none)")
     p.add_argument("--eval-samples", type=int, default=4, help="k of pass@k in the evaluation")
-    p.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (-1: end only)")
-    p.add_argument("--resume", action="store_true", help="continue the latest RL checkpoint of --out-tag")
-    p.add_argument("--stop-after-step", type=int, default=-1, help="save and exit at this step")
-    p.add_argument("--seed", type=int, default=13, help="problem order and sampling seed (positive)")
-    args = p.parse_args(argv)
-    if args.seed <= 0:
-        p.error("--seed must be positive (seeds 1 and -1 give the same Python stream)")
+    args = parse_stage_args(p, argv)
     if args.num_samples < 2:
         p.error("--num-samples must be >= 2: a group of one has no relative advantage")
 
@@ -70,12 +58,7 @@ def main(argv=None):
                          f"{world_size}")
     dtype = parse_dtype(args.dtype, device.type)
     autocast = autocast_ctx(device.type, dtype)
-    try:
-        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    out_tag = args.out_tag or args.model_tag or meta.get("flags", {}).get("model_tag") or f"d{model.config.n_layer}"
-    checkpoint_dir = os.path.join(get_base_dir(), SOURCES["rl"], out_tag)
+    model, tokenizer, meta, checkpoint_dir = load_stage_model(args, "rl", device)
     print0(f"flags: {vars(args)}")
 
     from tasks.gsm8k import GSM8K
@@ -88,9 +71,7 @@ def main(argv=None):
     print0(f"GSM8K train: {len(train_task):,} problems; {num_iterations} steps x {args.prompts_per_step} problems x "
            f"{args.num_samples} samples ({num_iterations / max(one_epoch, 1):.2f} epochs)")
 
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, ns_dtype=dtype)
-    scale_initial_lrs(optimizers, args.init_lr_frac)
+    optimizers = stage_optimizers(model, args, dtype)
     loop = {"step": 0, "train_time": 0.0, "gen_time": 0.0, "first_reward": None, "mean_reward": None, "eval": {}}
     if args.resume:
         same_flags = ("prompts_per_step", "num_samples", "seed", "num_iterations", "num_epochs")

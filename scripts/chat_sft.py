@@ -23,14 +23,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import SOURCES, add_checkpoint_args, load_model, save_checkpoint
-from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype, print0
+from nanochat.checkpoint import add_checkpoint_args, save_checkpoint
+from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, parse_dtype, print0
 from nanochat.dataloader import sft_batch
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.task_eval import evaluate_task
-from nanochat.training import (MetricsLog, apply_schedule, eta_seconds, resume_run, scale_initial_lrs,
-                               train_step)
+from nanochat.training import (MetricsLog, add_stage_args, apply_schedule, eta_seconds, load_stage_model,
+                               parse_stage_args, resume_run, stage_optimizers, train_step)
 
 IDENTITY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "data",
                              "identity_conversations.jsonl")
@@ -68,41 +68,25 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Supervised fine-tuning of a midtrained model on conversations.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_checkpoint_args(p, default_source="mid")
-    p.add_argument("--out-tag", default=None, help="tag of the SFT checkpoint (default: the input's tag)")
-    p.add_argument("--run", default=None, help="wandb run name (no wandb when unset)")
+    add_stage_args(p, "SFT", init_lr_frac=0.02, seed=11)
     p.add_argument("--max-seq-len", type=int, default=None, help="longest row; default: the model's context length")
     p.add_argument("--device-batch-size", type=int, default=4, help="conversations per micro-batch per device")
     p.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step, all ranks")
     p.add_argument("--num-epochs", type=int, default=1, help="passes over the mixture (when --num-iterations is -1)")
     p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: --num-epochs passes)")
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--init-lr-frac", type=float, default=0.02, help="LR as a share of the base run's")
     p.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1: end only)")
     p.add_argument("--eval-steps", type=int, default=50, help="val micro-batches per evaluation (all ranks together)")
     p.add_argument("--eval-metrics-every", type=int, default=200, help="quick task accuracy every N steps (-1: end only)")
     p.add_argument("--eval-problems", type=int, default=100, help="problems per task in the quick accuracy (0: none)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest GSM8K answer in the quick accuracy")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: end only)")
-    p.add_argument("--resume", action="store_true", help="continue the latest SFT checkpoint of --out-tag")
-    p.add_argument("--stop-after-step", type=int, default=-1, help="save and exit at this step")
-    p.add_argument("--seed", type=int, default=11, help="mixture shuffle seed (positive)")
-    args = p.parse_args(argv)
-    if args.seed <= 0:
-        p.error("--seed must be positive (seeds 1 and -1 give the same Python stream)")
+    args = parse_stage_args(p, argv)
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
     dtype = parse_dtype(args.dtype, device.type)
     autocast = autocast_ctx(device.type, dtype)
-    try:
-        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    model, tokenizer, meta, checkpoint_dir = load_stage_model(args, "sft", device)
     T = args.max_seq_len or model.config.sequence_len
-    out_tag = args.out_tag or args.model_tag or meta.get("flags", {}).get("model_tag") or f"d{model.config.n_layer}"
-    checkpoint_dir = os.path.join(get_base_dir(), SOURCES["sft"], out_tag)
     print0(f"flags: {vars(args)}")
 
     per_step = args.device_batch_size * world_size
@@ -129,9 +113,7 @@ def main(argv=None):
     print0(f"steps: {num_iterations} x {args.examples_per_step} conversations "
            f"({num_iterations / max(one_epoch, 1):.2f} epochs); grad accumulation {grad_accum} x world size {world_size}")
 
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, ns_dtype=dtype)
-    scale_initial_lrs(optimizers, args.init_lr_frac)
+    optimizers = stage_optimizers(model, args, dtype)
     loop = {"step": 0, "train_time": 0.0, "smooth_loss": 0.0, "val_loss": None, "metrics": {}}
     if args.resume:
         same_flags = ("examples_per_step", "max_seq_len", "seed", "num_iterations", "num_epochs")

@@ -99,6 +99,27 @@ class WorkerPool:
                 "queued": self.waiting, "max_queue": self.max_queue, "served": self.served}
 
 
+def body_number(body, name, default, lo, hi, kind=float):
+    """body[name] as a number of `kind` within [lo, hi] (default when absent or null), else APIError(400)."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise APIError(400, f"'{name}' must be a{'n integer' if kind is int else ' number'}")
+    if not lo <= value <= hi:
+        raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {value}")
+    return kind(value)
+
+
+def body_stop(body):
+    """body['stop'] as a list of at most 4 non-empty strings, else APIError(400)."""
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+        raise APIError(400, "'stop' must be a string or a list of at most 4 non-empty strings")
+    return stop
+
+
 def validate(body, limits, openai):
     """-> (messages, options) or raises APIError(400/422) with the specific reason."""
     if not isinstance(body, dict):
@@ -124,32 +145,15 @@ def validate(body, limits, openai):
     if messages[-1]["role"] != "user":
         raise APIError(400, "the last message must be from the user")
 
-    def number(name, default, lo, hi, kind=float):
-        value = body.get(name, default)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-            raise APIError(400, f"'{name}' must be a{'n integer' if kind is int else ' number'}")
-        if not lo <= value <= hi:
-            raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {value}")
-        return kind(value)
-
     options = {
-        "temperature": number("temperature", 0.6 if not openai else 1.0, 0.0, 2.0),
-        "top_k": number("top_k", 50, 0, limits.max_top_k, int),
-        "top_p": number("top_p", 1.0, 1e-6, 1.0),
-        "max_tokens": number("max_tokens", 512, 1, limits.max_tokens, int),
-        "n": number("n", 1, 1, limits.max_n, int),
-        "seed": number("seed", None, 0, 2**31 - 1, int),
+        "temperature": body_number(body, "temperature", 0.6 if not openai else 1.0, 0.0, 2.0),
+        "top_k": body_number(body, "top_k", 50, 0, limits.max_top_k, int),
+        "top_p": body_number(body, "top_p", 1.0, 1e-6, 1.0),
+        "max_tokens": body_number(body, "max_tokens", 512, 1, limits.max_tokens, int),
+        "n": body_number(body, "n", 1, 1, limits.max_n, int),
+        "seed": body_number(body, "seed", None, 0, 2**31 - 1, int),
     }
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "'stop' must be a string or a list of at most 4 non-empty strings")
-    options["stop"] = stop
+    options["stop"] = body_stop(body)
     options["stream"] = bool(body.get("stream", False))
     if options["stream"] and options["n"] > 1:
         raise APIError(400, "streaming supports n = 1 only")
@@ -180,30 +184,17 @@ def validate_completion(body, limits, vocab_size):
             bad = next((t for t in p if not 0 <= t < vocab_size), None)
             if bad is not None:
                 raise APIError(400, f"prompt {i} has token id {bad}, outside the vocabulary [0, {vocab_size})")
-    options = {}
-    for name, default, lo, hi, kind in (("max_tokens", 16, 0, limits.max_tokens, int), ("temperature", 1.0, 0.0, 2.0, float),
-                                        ("top_p", 1.0, 1e-6, 1.0, float), ("seed", None, 0, 2**31 - 1, int),
-                                        ("logprobs", None, 0, 20, int), ("n", 1, 1, 1, int)):
-        value = body.get(name, default)
-        if value is None:
-            options[name] = default
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-            raise APIError(400, f"'{name}' must be a{'n integer' if kind is int else ' number'}")
-        if not lo <= value <= hi:
-            raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {value}")
-        options[name] = kind(value)
+    options = {name: body_number(body, name, default, lo, hi, kind) for name, default, lo, hi, kind in (
+        ("max_tokens", 16, 0, limits.max_tokens, int), ("temperature", 1.0, 0.0, 2.0, float),
+        ("top_p", 1.0, 1e-6, 1.0, float), ("seed", None, 0, 2**31 - 1, int), ("logprobs", None, 0, 20, int),
+        ("n", 1, 1, 1, int))}
     echo = body.get("echo", False)
     if not isinstance(echo, bool):
         raise APIError(400, "'echo' must be true or false")
     options["echo"] = echo
     if body.get("stream"):
         raise APIError(400, "streaming is not supported on /v1/completions; use /v1/chat/completions")
-    stop = body.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
-        raise APIError(400, "'stop' must be a string or a list of at most 4 non-empty strings")
-    options["stop"] = stop
+    options["stop"] = body_stop(body)
     return prompts, options
 
 

@@ -14,8 +14,7 @@ match the NanoChat architecture is refused with the reason.
 
 import argparse
 
-from nanochat.checkpoint import load_model
-from nanochat.checkpoint import SOURCES
+from nanochat.checkpoint import SOURCES, load_model
 from nanochat.hf_format import NotExportable, export_folder
 
 
@@ -32,8 +31,7 @@ def main(argv=None):
         export_folder(model, tokenizer, args.out)
     except (FileNotFoundError, NotExportable) as e:
         raise SystemExit(f"error: {e}")
-    n = sum(p.numel() for p in model.parameters())
-    print(f"exported {args.source} step {meta['step']} ({n:,} parameters, vocabulary {model.config.vocab_size}) "
+    print(f"exported {args.source} step {meta['step']} ({model.num_params():,} parameters, vocabulary {model.config.vocab_size}) "
           f"to {args.out}")
 
 

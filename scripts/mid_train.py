@@ -19,16 +19,15 @@ import time
 
 import torch
 
-from nanochat.checkpoint import SOURCES, add_checkpoint_args, load_model, save_checkpoint
-from nanochat.common import (DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype,
-                             print0)
+from nanochat.checkpoint import add_checkpoint_args, save_checkpoint
+from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, parse_dtype, print0
 from nanochat.dataloader import pack_conversations
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import MetricsLog, apply_schedule, resume_run, scale_initial_lrs, train_step
-
+from nanochat.training import (MetricsLog, add_stage_args, apply_schedule, load_stage_model, parse_stage_args,
+                               resume_run, stage_optimizers, train_step)
 IDENTITY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "data",
                              "identity_conversations.jsonl")
 
@@ -72,41 +71,25 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Midtrain a base model on conversations.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_checkpoint_args(p, default_source="base")
-    p.add_argument("--out-tag", default=None, help="tag of the mid checkpoint (default: the input's tag)")
-    p.add_argument("--run", default=None, help="wandb run name (no wandb when unset)")
+    add_stage_args(p, "mid", init_lr_frac=1.0, seed=7)
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per device")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all ranks")
     p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one pass over the mixture)")
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--init-lr-frac", type=float, default=1.0, help="LR as a share of the base run's")
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="share of steps of linear decay to 0")
     p.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (-1: end only)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: end only)")
-    p.add_argument("--resume", action="store_true", help="continue the latest mid checkpoint of --out-tag")
-    p.add_argument("--stop-after-step", type=int, default=-1, help="save and exit at this step")
-    p.add_argument("--seed", type=int, default=7, help="mixture shuffle seed (positive)")
     p.add_argument("--loss-on", choices=["all", "assistant"], default="all",
                    help="all: every token (midtraining is still pretraining, on chat-shaped text); "
                         "assistant: only the tokens the conversation mask marks")
-    args = p.parse_args(argv)
-    if args.seed <= 0:
-        p.error("--seed must be positive (seeds 1 and -1 give the same Python stream)")
+    args = parse_stage_args(p, argv)
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
     dtype = parse_dtype(args.dtype, device.type)
     autocast = autocast_ctx(device.type, dtype)
-    try:
-        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    model, tokenizer, meta, checkpoint_dir = load_stage_model(args, "mid", device)
     T = args.max_seq_len or model.config.sequence_len
-    out_tag = args.out_tag or args.model_tag or meta.get("flags", {}).get("model_tag") or f"d{model.config.n_layer}"
-    checkpoint_dir = os.path.join(get_base_dir(), SOURCES["mid"], out_tag)
     print0(f"flags: {vars(args)}")
 
     t0 = time.time()
@@ -133,9 +116,7 @@ def main(argv=None):
     print0(f"steps: {num_iterations} x {args.total_batch_size:,} tokens ({num_iterations / max(one_pass, 1):.2f} passes); "
            f"grad accumulation {grad_accum} x world size {world_size}")
 
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, ns_dtype=dtype)
-    scale_initial_lrs(optimizers, args.init_lr_frac)
+    optimizers = stage_optimizers(model, args, dtype)
     loop = {"step": 0, "smooth_loss": 0.0, "train_time": 0.0, "val_bpb": None}
     if args.resume:
         same_flags = ("total_batch_size", "max_seq_len", "seed", "device_batch_size")

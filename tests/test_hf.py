@@ -145,6 +145,26 @@ def write_checkpoint(base, tokenizer, model, step, monkeypatch):
     save_checkpoint(os.path.join(base, "chatsft_checkpoints", "d2"), step, model, [], {"model_config": asdict(model.config)})
 
 
+def test_hand_made_merges_where_plain_bpe_and_tiktoken_differ(tokenizer, tmp_path):
+    """
+    Two cases a naive tokenizer.json gets wrong. 'pqrs' is a token (made from pq + rs), but merging
+    pairs from bytes goes p|qr|s (qr ranks first) and no rule joins that: tiktoken takes the whole
+    piece, so ignore_merges must be on. 'abcx': tiktoken merges a + bc into abc (bc ranks before ab);
+    a file holding one rule per token, ab + c (as training may well have made abc), misses it: the file
+    needs a rule for every valid split.
+    """
+    from nanochat.hf_format import tokenizer_files
+    ranks = [bytes([b]) for b in range(256)] + [b"qr", b"pq", b"rs", b"pqrs", b"bc", b"ab", b"abc"]
+    ours = RustBPETokenizer(tokenizer.get_pattern(), ranks)
+    tok_json, tok_config = tokenizer_files(ours, 64)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok_json))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.encode("pqrs") == [259] and ours.encode("abcx") == [262, ord("x")]  # what tiktoken does
+    for text in ("pqrs", "abcx", "xpqrs abcx abc pqrsx"):
+        assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text), text
+
+
 def test_import_of_export_round_trips_bit_exactly(tokenizer, tmp_path, monkeypatch):
     base = tmp_path / "base"
     model = random_model(tokenizer, seed=3, n_kv_head=1)

@@ -1,6 +1,7 @@
 """Midtraining: the mixture is packed and learned from; an interrupted run resumes to the same losses."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,5 +41,9 @@ def test_mid_train_learns_and_resumes_exactly(base_dir):
                           "--total-batch-size", "1024", "--out-tag", "split", "--resume"], cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--total-batch-size" in bad.stderr  # a resume must continue the same data order
+    # --loss-on assistant: the packed masks travel with the rows, so the loss is on fewer tokens and differs
+    run_mid(base_dir, "--out-tag", "masked", "--num-iterations", "2", "--eval-every", "-1", "--loss-on", "assistant")
+    masked = [r["loss"] for r in records(base_dir, "masked") if "loss" in r]
+    assert len(masked) == 2 and all(math.isfinite(v) for v in masked) and masked[0] != losses[0]
     section = open(os.path.join(base_dir, "report", "midtraining.md"), encoding="utf-8").read()
     assert "final val bpb" in section and "mixture: general chat" in section
