@@ -26,8 +26,8 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import (MetricsLog, add_stage_args, apply_schedule, load_stage_model, parse_stage_args,
-                               resume_run, stage_optimizers, train_step)
+from nanochat.training import (MetricsLog, add_stage_args, apply_schedule, eta_seconds, load_stage_model,
+                               parse_stage_args, resume_run, stage_optimizers, train_step)
 IDENTITY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "data",
                              "identity_conversations.jsonl")
 
@@ -188,7 +188,7 @@ def main(argv=None):
         loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * loss_value
         smooth = loop["smooth_loss"] / (1 - 0.9 ** step)
         tokens_per_s = args.total_batch_size / dt
-        eta = loop["train_time"] / max(step - start_step, 1) * (num_iterations - step)
+        eta = eta_seconds(loop["train_time"], step - start_step, num_iterations - step)
         print0(f"step {step:05d}/{num_iterations:05d} | loss {smooth:.4f} | lrm {lrm:.3f} | tok/s {tokens_per_s:,.0f} | "
                f"elapsed {loop['train_time'] / 60:.1f} m | ETA {eta / 60:.1f} m")
         append_metrics({"step": step, "loss": loss_value, "smooth_loss": smooth, "lrm": lrm, "tokens_per_s": tokens_per_s})
