@@ -3,6 +3,7 @@ Small things every stage needs: where artifacts live, where local copies of remo
 rank-aware printing and atomic file writes. No stage logic lives here.
 """
 
+import gzip
 import os
 import tempfile
 from contextlib import contextmanager
@@ -40,14 +41,25 @@ def local_data_dir():
 
 
 def local_data_file(*parts):
-    """A file inside $NANOCHAT_LOCAL_DATA, with an error that names the missing file."""
+    """
+    A file inside $NANOCHAT_LOCAL_DATA, or its gzipped twin (name + ".gz") when only that is there,
+    with an error that names the missing file.
+    """
     root = local_data_dir()
     if root is None:
         raise RuntimeError("NANOCHAT_LOCAL_DATA is not set")
     path = os.path.join(root, *parts)
     if not os.path.exists(path):
+        if not path.endswith(".gz") and os.path.exists(path + ".gz"):
+            return path + ".gz"
         raise FileNotFoundError(f"{path} is missing from NANOCHAT_LOCAL_DATA={root}")
     return path
+
+
+def open_local_text(*parts):
+    """A text handle (UTF-8) on local_data_file(*parts), decompressing a .gz file."""
+    path = local_data_file(*parts)
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
 
 
 @contextmanager

@@ -43,7 +43,7 @@ SUMS_FILE = "SHA256SUMS"
 SHARD_RE = re.compile(r"shard_\d{5}\.parquet")
 DOC_CHARS = 4000  # plain-text files (books) are cut into documents of about this many chars
 TIMEOUT = 60  # seconds without data before a download attempt gives up
-INPUT_EXTENSIONS = (".txt", ".txt.gz", ".raw", ".jsonl", ".jsonl.gz", ".parquet")
+INPUT_EXTENSIONS = (".txt", ".txt.gz", ".raw", ".raw.gz", ".jsonl", ".jsonl.gz", ".parquet")
 HOW_TO_GET_SHARDS = ("download some with `python -m nanochat.dataset -n 8` (set NANOCHAT_DATA_URL=http://... or "
                      "file:///path to use a mirror), or build them from local text with "
                      "`python -m nanochat.dataset prepare --input PATH`")
@@ -445,7 +445,7 @@ def read_documents(path):
         pf = pq.ParquetFile(path)
         for j in range(pf.num_row_groups):
             yield from (t for t in pf.read_row_group(j, columns=["text"]).column("text").to_pylist() if t and t.strip())
-    elif lower.endswith((".txt", ".txt.gz", ".raw")):
+    elif lower.endswith((".txt", ".txt.gz", ".raw", ".raw.gz")):
         data = _read_bytes(path)
         try:
             text = data.decode("utf-8-sig")
@@ -579,7 +579,7 @@ def main(argv=None):
     parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads (default: %(default)s)")
     parser.add_argument("--retries", type=int, default=5, help="attempts per file (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", metavar="{prepare}")
-    prep = commands.add_parser("prepare", help="build shards from local .txt/.txt.gz/.raw/.jsonl/.jsonl.gz/.parquet")
+    prep = commands.add_parser("prepare", help="build shards from local .txt/.raw/.jsonl (each also .gz) and .parquet")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH",
                       help="files or folders (walked recursively) to read (required)")
     prep.add_argument("--shard-chars", type=int, default=100_000_000,

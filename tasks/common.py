@@ -7,9 +7,13 @@ Each task loads from the HuggingFace hub through `datasets`, or, when NANOCHAT_L
 folder laid out like shared/data, from the native files there — the same Task code either way.
 """
 
+import json
+import os
 import random
 
-from nanochat.common import local_data_dir, local_data_file
+from nanochat.common import local_data_dir, local_data_file, open_local_text
+
+SUBSET_FILE = "subset.json"
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -148,7 +152,33 @@ def use_local():
     return local_data_dir() is not None
 
 
-def check_count(rows, expected, what, path):
+def local_subset_rows(relpath):
+    """
+    The row count that a deliberate subset of the data (a local folder with a subset.json, such as
+    tests/data) declares for one of its files or folders, or None: a full copy has none.
+    """
+    root = local_data_dir()
+    path = os.path.join(root, SUBSET_FILE) if root else None
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)["rows"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: expected {{\"rows\": {{\"<file or folder>\": <count>, ...}}}} ({e!r})") from e
+    return rows.get(relpath)
+
+
+def check_count(rows, expected, what, path, relpath=None):
+    """
+    A loaded split must have its documented number of rows, or the number that a local subset
+    declares for it (relpath: the file's path inside NANOCHAT_LOCAL_DATA): either way a truncated
+    or wrong file is an error, not a silently smaller evaluation.
+    """
+    subset = local_subset_rows(relpath) if relpath is not None and use_local() else None
+    if subset is not None and subset != expected:
+        print(f"note: {what} is a subset of {subset} rows (declared in {SUBSET_FILE}); the full split has {expected}")
+        expected = subset
     if expected is not None and len(rows) != expected:
         raise ValueError(f"{what}: {len(rows)} rows in {path}, expected {expected}; the file is incomplete or not the documented one")
     return rows
@@ -161,4 +191,4 @@ def load_hub(path, name=None, split=None):
 
 
 __all__ = ["Task", "TaskMixture", "TaskSequence", "MultipleChoiceTask", "render_mc", "mc_conversation",
-           "use_local", "local_data_file", "check_count", "load_hub", "LETTERS"]
+           "use_local", "local_data_file", "open_local_text", "check_count", "load_hub", "LETTERS"]

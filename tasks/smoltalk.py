@@ -1,8 +1,9 @@
 """
 General multi-turn conversations. Online: SmolTalk (HuggingFaceTB/smol-smoltalk). Offline
 (NANOCHAT_LOCAL_DATA) there is no SmolTalk; the same interface serves the real dialogues there:
-Schema-Guided Dialogue (USER/SYSTEM turns -> user/assistant) and Self-Instruct (instruction +
-input -> user, output -> assistant). The offline split: every 10th conversation is test.
+Schema-Guided Dialogue (USER/SYSTEM turns -> user/assistant) and, when the folder has it,
+Self-Instruct (instruction + input -> user, output -> assistant; tests/data leaves it out, being
+Apache-2.0). The offline split: every 10th conversation is test.
 
 HHRLHF reads Anthropic's harmless-base red-team transcripts. It is for format tests only and is
 never part of a default training mixture (it holds offensive text by design).
@@ -38,8 +39,10 @@ def _sgd_conversations(root):
     return out
 
 
-def _self_instruct_conversations():
+def _self_instruct_conversations(root):
     out = []
+    if not os.path.isdir(os.path.join(root, "chat", "self-instruct")):
+        return out
     for name in ("seed_tasks.jsonl", "user_oriented_instructions.jsonl"):
         with open(local_data_file("chat", "self-instruct", name), encoding="utf-8") as f:
             for line in f:
@@ -60,9 +63,9 @@ class SmolTalk(Task):
         if split not in ("train", "test"):
             raise ValueError(f"split must be train or test, got {split!r}")
         if use_local():
-            everything = _sgd_conversations(local_data_dir()) + _self_instruct_conversations()
-            self.rows = [c for i, c in enumerate(everything) if (i % 10 == 0) == (split == "test")]
-            self.source = "offline stand-in: SGD dialogues + Self-Instruct"
+            sgd, instruct = _sgd_conversations(local_data_dir()), _self_instruct_conversations(local_data_dir())
+            self.rows = [c for i, c in enumerate(sgd + instruct) if (i % 10 == 0) == (split == "test")]
+            self.source = "offline stand-in: SGD dialogues" + (" + Self-Instruct" if instruct else "")
         else:
             data = load_hub("HuggingFaceTB/smol-smoltalk", None, split)
             self.rows = [[{"role": m["role"], "content": m["content"]} for m in r["messages"]] for r in data]

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, shakespeare
 from nanochat.checkpoint import save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -15,8 +15,7 @@ from nanochat.tokenizer import RustBPETokenizer
 
 
 def make_chat_checkpoint(base_dir, source_dir="chatsft_checkpoints"):
-    with open(os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        text = f.read()[:100_000]
+    text = shakespeare(100_000)
     tok = RustBPETokenizer.train_from_iterator(iter([text[i:i + 1000] for i in range(0, len(text), 1000)]), 400)
     tok.save(os.path.join(base_dir, "tokenizer"))
     torch.manual_seed(0)

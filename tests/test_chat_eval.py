@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, TEST_DATA, shakespeare
 from nanochat.task_eval import run_categorical
 from test_chat_cli import make_chat_checkpoint
 
@@ -40,14 +40,13 @@ class LetterOracle(torch.nn.Module):
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_categorical_scoring_with_oracles(monkeypatch, reverse):
-    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", SHARED_DATA)
+    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", TEST_DATA)
     from nanochat.tokenizer import RustBPETokenizer
     from tasks.arc import ARC
-    with open(os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        text = f.read()[:50_000]
+    text = shakespeare(50_000)
     tok = RustBPETokenizer.train_from_iterator(iter([text[i:i + 1000] for i in range(0, len(text), 1000)]), 300)
     task = ARC("ARC-Challenge", "test")
-    indices = list(range(0, 200, 7))
+    indices = list(range(0, len(task), 2))
     gold = {tuple(tok.render_for_completion(task[i])): task[i]["messages"][-1]["content"] for i in indices}
     model = LetterOracle(tok, gold, reverse=reverse)
     correct = run_categorical(task, model, tok, indices, batch_size=5, autocast=torch.autocast("cpu", enabled=False))
@@ -56,7 +55,7 @@ def test_categorical_scoring_with_oracles(monkeypatch, reverse):
 
 def test_chat_eval_script_writes_its_report_section(base_dir):
     make_chat_checkpoint(base_dir)
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=SHARED_DATA)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=TEST_DATA)
     result = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "-i", "sft", "-a", "ARC-Easy|MMLU|GSM8K|SpellingBee",
                              "--max-problems", "6", "--max-new-tokens", "8", "--dtype", "float32"],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import nanochat.checkpoint as ck
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, shakespeare
 from nanochat.checkpoint import (build_model, clean_state_dict, find_largest_model_tag, find_last_step,
                                  load_checkpoint, load_model, load_rank_state, save_checkpoint)
 from nanochat.gpt import GPT, GPTConfig
@@ -24,8 +24,7 @@ from nanochat.tokenizer import RustBPETokenizer
 
 
 def train_tokenizer(base_dir, vocab_size=300, start=0):
-    with open(os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        text = f.read()[start:start + 100_000]
+    text = shakespeare()[start:start + 100_000]
     tok = RustBPETokenizer.train_from_iterator(iter([text[i:i + 1000] for i in range(0, len(text), 1000)]), vocab_size)
     tok.save(os.path.join(base_dir, "tokenizer"))
     return tok

@@ -9,20 +9,21 @@ import zipfile
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, TEST_DATA, shakespeare
 from nanochat.core_eval import (CORE_TASKS, core_data_dir, evaluate_core, evaluate_task, fewshot_indices, load_rows,
                                 render_item, score_sequences, tokenize_pairs)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
 
-CORE = os.path.join(SHARED_DATA, "core")
+CORE = os.path.join(TEST_DATA, "core")
+# the tasks tests/data/core holds (40 rows each): both multiple-choice renderings, schema, language modeling
+SMALL_CORE = {"arc_easy", "boolq", "winograd", "lambada_openai"}
 SPEC = {label: (rel, kind, shots, delim, base) for label, rel, kind, shots, delim, base in CORE_TASKS}
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    with open(os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        text = f.read()[:200_000]
+    text = shakespeare(200_000)
     return RustBPETokenizer.train_from_iterator(iter([text[i:i + 1000] for i in range(0, len(text), 1000)]), 1000)
 
 
@@ -31,10 +32,10 @@ def rows_of(label):
 
 
 def test_rendering_matches_the_spec_by_hand():
-    copa = rows_of("copa")  # multiple choice, 0 shots, delimiter " "
-    prefixes, conts, gold = render_item(copa, 0, "multiple_choice", 0, " ")
-    assert prefixes == [copa[0]["query"] + " "] * len(copa[0]["choices"])
-    assert conts == copa[0]["choices"] and gold == copa[0]["gold"]
+    mc = rows_of("boolq")  # multiple choice, rendered as copa is: 0 shots, delimiter " "
+    prefixes, conts, gold = render_item(mc, 0, "multiple_choice", 0, " ")
+    assert prefixes == [mc[0]["query"] + " "] * len(mc[0]["choices"])
+    assert conts == mc[0]["choices"] and gold == mc[0]["gold"]
     wino = rows_of("winograd")  # schema, 0 shots
     prefixes, conts, gold = render_item(wino, 3, "schema", 0, " ")
     assert prefixes == [c + " " for c in wino[3]["context_options"]]
@@ -92,10 +93,14 @@ class Oracle(torch.nn.Module):
         return logits
 
 
-@pytest.mark.parametrize("label", ["copa", "arc_easy", "winograd", "winogrande", "lambada_openai", "bigbench_operators", "boolq"])
+# (task, shots): every task type with 0 and with 10 shots (lambada at 10 shots plays a few-shot LM
+# task such as bigbench_operators; boolq at 0 shots a zero-shot multiple-choice one such as copa)
+@pytest.mark.parametrize("label,shots", [("arc_easy", None), ("boolq", None), ("boolq", 0), ("winograd", None),
+                                         ("winograd", 10), ("lambada_openai", None), ("lambada_openai", 10)])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_oracles_score_100_and_0(tokenizer, label, reverse):
-    rel, kind, shots, delim, base = SPEC[label]
+def test_oracles_score_100_and_0(tokenizer, label, shots, reverse):
+    rel, kind, spec_shots, delim, base = SPEC[label]
+    shots = spec_shots if shots is None else shots
     rows = rows_of(label)
     indices = list(range(12))
     gold = set()
@@ -120,7 +125,7 @@ def random_model(vocab):
 
 def test_batched_equals_one_at_a_time(tokenizer):
     model = random_model(tokenizer.get_vocab_size())
-    rows = rows_of("piqa")
+    rows = rows_of("boolq")
     seqs = []
     for i in range(6):
         prefixes, conts, _ = render_item(rows, i, "multiple_choice", 2, "\nAnswer: ")
@@ -134,7 +139,17 @@ def test_batched_equals_one_at_a_time(tokenizer):
 
 
 def test_evaluate_core_reports_absent_tasks(tokenizer, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", SHARED_DATA)
+    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", TEST_DATA)
+    model = random_model(tokenizer.get_vocab_size())
+    out = evaluate_core(model, tokenizer, max_per_task=3, log=lambda *a: None)
+    assert out["present"] == len(SMALL_CORE) and out["total"] == 22
+    assert set(out["tasks"]) == SMALL_CORE and set(out["absent"]) == set(SPEC) - SMALL_CORE
+    assert out["core"] == pytest.approx(sum(r["centered"] for r in out["tasks"].values()) / len(SMALL_CORE))
+    assert all(r["n"] == 3 for r in out["tasks"].values())
+
+
+def test_evaluate_core_on_the_full_copy(tokenizer, monkeypatch, large_data):
+    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", large_data)
     model = random_model(tokenizer.get_vocab_size())
     out = evaluate_core(model, tokenizer, max_per_task=2, log=lambda *a: None)
     assert out["present"] == 18 and out["total"] == 22
@@ -147,11 +162,11 @@ def test_eval_bundle_download_from_a_file_url(tmp_path, base_dir, monkeypatch):
     monkeypatch.delenv("NANOCHAT_LOCAL_DATA", raising=False)
     bundle = tmp_path / "eval_bundle.zip"
     with zipfile.ZipFile(bundle, "w") as z:
-        z.write(os.path.join(CORE, "commonsense_reasoning", "copa.jsonl"), "eval_bundle/eval_data/commonsense_reasoning/copa.jsonl")
+        z.write(os.path.join(CORE, "language_understanding", "winograd_wsc.jsonl"), "eval_bundle/eval_data/language_understanding/winograd_wsc.jsonl")
         z.write(os.path.join(CORE, "world_knowledge", "arc_easy.jsonl"), "eval_bundle/eval_data/world_knowledge/arc_easy.jsonl")
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", bundle.as_uri())
     folder = core_data_dir()
-    assert os.path.exists(os.path.join(folder, "commonsense_reasoning", "copa.jsonl"))
+    assert os.path.exists(os.path.join(folder, "language_understanding", "winograd_wsc.jsonl"))
     assert core_data_dir() == folder  # second call: no download
 
 
@@ -161,7 +176,7 @@ def test_base_eval_two_ranks_equal_one(tmp_path, tokenizer):
     base = tmp_path / "base"
     tokenizer.save(str(base / "tokenizer"))
     model = random_model(tokenizer.get_vocab_size())
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_LOCAL_DATA=SHARED_DATA, OMP_NUM_THREADS="1",
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_LOCAL_DATA=TEST_DATA, OMP_NUM_THREADS="1",
                GLOO_SOCKET_IFNAME="lo")
     old = os.environ.get("NANOCHAT_BASE_DIR")
     os.environ["NANOCHAT_BASE_DIR"] = str(base)
@@ -178,4 +193,4 @@ def test_base_eval_two_ranks_equal_one(tmp_path, tokenizer):
     assert two.returncode == 0, two.stderr[-3000:]
     pick = lambda out: [l for l in out.splitlines() if "acc " in l or l.startswith("CORE (")]
     lines_one, lines_two = pick(one.stdout), pick(two.stdout)
-    assert len(lines_one) == 19 and [l.split("[")[0] for l in lines_one] == [l.split("[")[0] for l in lines_two]
+    assert len(lines_one) == len(SMALL_CORE) + 1 and [l.split("[")[0] for l in lines_one] == [l.split("[")[0] for l in lines_two]

@@ -20,14 +20,14 @@ import threading
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, data_path, read_text
 from nanochat import dataset
 
-PRETRAIN = os.path.join(SHARED_DATA, "pretrain")
-SHAKESPEARE = os.path.join(PRETRAIN, "tinyshakespeare", "input.txt")
-C4 = os.path.join(PRETRAIN, "c4_demo", "c4_demo.jsonl")
-JEKYLL = os.path.join(PRETRAIN, "gutenberg", "pg42.txt.gz")  # the smallest book, with PG header/footer
-WIKITEXT = os.path.join(PRETRAIN, "wikitext-2-raw", "wiki.test.raw")
+# real text from tests/data (gzipped there: prepare reads .gz as well)
+SHAKESPEARE = data_path("pretrain", "tinyshakespeare", "input.txt")
+WIKI = data_path("pretrain", "wiki_demo", "wiki_demo.jsonl")  # jsonl records {"text": article}
+JEKYLL = data_path("pretrain", "gutenberg", "pg42.txt.gz")  # the smallest book, with PG header/footer
+WIKITEXT = data_path("pretrain", "wikitext-2-raw", "wiki.test.raw")
 
 
 def read_shard(path):
@@ -47,7 +47,7 @@ def folder_bytes(folder):
 def mirror(tmp_path_factory):
     """A folder made by prepare (shards + index.json + SHA256SUMS) from real text: ~11 shards, ~90 row groups."""
     out = tmp_path_factory.mktemp("mirror")
-    dataset.prepare([SHAKESPEARE, C4, JEKYLL], shard_chars=200_000, out_dir=str(out))
+    dataset.prepare([SHAKESPEARE, WIKI, JEKYLL], shard_chars=80_000, out_dir=str(out))
     return out
 
 
@@ -70,21 +70,18 @@ def prepared(mirror, prepared_index, base_dir):
 
 def test_prepare_keeps_every_document_once(tmp_path):
     # the documents, parsed here without the module: jsonl records, and for plain text the words
-    with open(C4, encoding="utf-8") as f:
-        c4_docs = [r["text"] for r in map(json.loads, f) if r["text"].strip()]
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        shakespeare_words = f.read().split()
+    wiki_docs = [r["text"] for r in map(json.loads, read_text(WIKI).splitlines()) if r["text"].strip()]
+    shakespeare_words = read_text(SHAKESPEARE).split()
     shakespeare_docs = list(dataset.read_documents(SHAKESPEARE))
     assert [w for doc in shakespeare_docs for w in doc.split()] == shakespeare_words  # nothing lost in parsing
     assert len(shakespeare_docs) > 100 and max(map(len, shakespeare_docs)) <= dataset.DOC_CHARS
-    with open(WIKITEXT, encoding="utf-8") as f:
-        wikitext_words = f.read().split()
+    wikitext_words = read_text(WIKITEXT).split()
     wikitext_docs = list(dataset.read_documents(WIKITEXT))
     assert [w for doc in wikitext_docs for w in doc.split()] == wikitext_words
-    expected = collections.Counter(c4_docs + shakespeare_docs + wikitext_docs)
+    expected = collections.Counter(wiki_docs + shakespeare_docs + wikitext_docs)
 
-    inputs = [SHAKESPEARE, os.path.dirname(C4), WIKITEXT]  # a folder is walked for its .jsonl
-    summary = dataset.prepare(inputs, shard_chars=300_000, out_dir=str(tmp_path / "a"))
+    inputs = [SHAKESPEARE, os.path.dirname(WIKI), WIKITEXT]  # a folder is walked for its .jsonl
+    summary = dataset.prepare(inputs, shard_chars=150_000, out_dir=str(tmp_path / "a"))
     with open(tmp_path / "a" / "index.json") as f:
         index = json.load(f)
     assert index["val"] and index["val"] == summary["val"]["shards"]
@@ -103,11 +100,11 @@ def test_prepare_keeps_every_document_once(tmp_path):
         assert md.num_row_groups >= min(8, md.num_rows)
 
     # deterministic: a second run gives the same bytes; another seed another order, same documents
-    dataset.prepare(inputs, shard_chars=300_000, out_dir=str(tmp_path / "b"))
+    dataset.prepare(inputs, shard_chars=150_000, out_dir=str(tmp_path / "b"))
     assert folder_bytes(tmp_path / "b") == files
     orders = {}
     for seed in (1, -1):  # Random(1) and Random(-1) are the same stream; our seeds must not be
-        dataset.prepare(inputs, shard_chars=300_000, seed=seed, out_dir=str(tmp_path / f"seed{seed}"))
+        dataset.prepare(inputs, shard_chars=150_000, seed=seed, out_dir=str(tmp_path / f"seed{seed}"))
         orders[seed] = read_split(tmp_path / f"seed{seed}", "train") + read_split(tmp_path / f"seed{seed}", "val")
         assert collections.Counter(orders[seed]) == expected
         assert orders[seed] != train + val

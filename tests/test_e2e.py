@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, TEST_DATA
 
 STAGES = ["data-prepare", "tok-train", "tok-eval", "base-train", "base-loss", "base-eval", "base-gsm8k", "mid-train", "mid-eval",
           "sft-train", "sft-eval", "rl-train", "rl-eval"]
@@ -25,7 +25,7 @@ EXPECTED_CELLS = [("CORE", "BASE")] + [(m, s) for s in ("MID", "SFT") for m in
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e_base")
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_LOCAL_DATA=SHARED_DATA, NANOCHAT_PROFILE="mini",
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_LOCAL_DATA=TEST_DATA, NANOCHAT_PROFILE="mini",
                NANOCHAT_VENV=sys.prefix, OMP_NUM_THREADS="2")
     env.pop("NANOCHAT_DATA_URL", None)
     run = subprocess.run(["bash", "speedrun.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import shakespeare
 from nanochat.engine import Engine, KVCache, Utf8Stream, sample_next
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
@@ -13,8 +13,7 @@ from nanochat.tokenizer import RustBPETokenizer
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    with open(os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        text = f.read()[:200_000]
+    text = shakespeare(200_000)
     return RustBPETokenizer.train_from_iterator(iter([text[i:i + 1000] for i in range(0, len(text), 1000)]), 400)
 
 

@@ -5,7 +5,6 @@ model with no HF equivalent, /v1/completions log-probabilities, and a real lm-ev
 against a real server on 127.0.0.1.
 """
 
-import gzip
 import json
 import os
 import socket
@@ -18,7 +17,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, read_text, shakespeare
 from nanochat.checkpoint import save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -43,10 +42,9 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    with open(os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        text = f.read()
-    with gzip.open(os.path.join(SHARED_DATA, "humaneval", "HumanEval.jsonl.gz"), "rt", encoding="utf-8") as f:
-        code = "".join(json.loads(line)["prompt"] + json.loads(line)["canonical_solution"] for line in f)
+    text = shakespeare()
+    rows = [json.loads(line) for line in read_text("humaneval", "HumanEval.jsonl.gz").splitlines()]
+    code = "".join(r["prompt"] + r["canonical_solution"] for r in rows)
     docs = [text[i:i + 2000] for i in range(0, len(text), 2000)] + [code[i:i + 2000] for i in range(0, len(code), 2000)]
     docs += TEXTS[:4] * 20  # some CJK and emoji merges too
     return RustBPETokenizer.train_from_iterator(iter(docs), 1000)  # not a multiple of 64: the model pads
@@ -114,9 +112,8 @@ def test_auto_tokenizer_reproduces_our_ids_and_chat_template(tokenizer, tmp_path
     model = random_model(tokenizer)
     export_folder(model, tokenizer, tmp_path / "hf")
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    with open(os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        shakespeare = f.read()[:60_000]
-    texts = TEXTS + [shakespeare[i:i + 3000] for i in range(0, len(shakespeare), 3000)]
+    prose = shakespeare(60_000)
+    texts = TEXTS + [prose[i:i + 3000] for i in range(0, len(prose), 3000)]
     for text in texts:
         assert hf_tok.encode(text, add_special_tokens=False) == tokenizer.encode(text), repr(text[:50])
         assert hf_tok.decode(tokenizer.encode(text)) == text
@@ -276,12 +273,11 @@ def test_lm_eval_harness_scores_the_model_through_our_server(tokenizer, tmp_path
     export_folder(model, tokenizer, tmp_path / "hf")
     # ARC-Easy test questions from the local copy, as a task from local files
     rows = []
-    with open(os.path.join(SHARED_DATA, "arc", "ARC-Easy", "test.jsonl"), encoding="utf-8") as f:
-        for line in list(f)[:12]:
-            item = json.loads(line)
-            labels = [c["label"] for c in item["question"]["choices"]]
-            rows.append({"question": item["question"]["stem"], "choices": [c["text"] for c in item["question"]["choices"]],
-                         "label": labels.index(item["answerKey"])})
+    for line in read_text("arc", "ARC-Easy", "test.jsonl").splitlines()[:12]:
+        item = json.loads(line)
+        labels = [c["label"] for c in item["question"]["choices"]]
+        rows.append({"question": item["question"]["stem"], "choices": [c["text"] for c in item["question"]["choices"]],
+                     "label": labels.index(item["answerKey"])})
     data = tmp_path / "arc_easy_test.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = tmp_path / "tasks"

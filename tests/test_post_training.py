@@ -6,12 +6,12 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, TEST_DATA
 from test_chat_cli import make_chat_checkpoint
 
 
 def run_mid(base_dir, *flags):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=SHARED_DATA, OMP_NUM_THREADS="1")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=TEST_DATA, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "scripts.mid_train", "--dtype", "float32", "--device-batch-size", "4",
                              "--total-batch-size", "512", "--eval-tokens", "1024", "--num-iterations", "6", *flags],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -36,7 +36,7 @@ def test_mid_train_learns_and_resumes_exactly(base_dir):
     run_mid(base_dir, "--out-tag", "split", "--eval-every", "3", "--resume")
     split = [r["loss"] for r in records(base_dir, "split") if "loss" in r]
     assert split == losses
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=SHARED_DATA)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=TEST_DATA)
     bad = subprocess.run([sys.executable, "-m", "scripts.mid_train", "--dtype", "float32", "--device-batch-size", "4",
                           "--total-batch-size", "1024", "--out-tag", "split", "--resume"], cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=300)

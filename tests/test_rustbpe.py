@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rustbpe
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, read_text, wiki_articles
 
 
 # -----------------------------------------------------------------------------
@@ -64,32 +64,27 @@ def reference_train(texts, vocab_size, pattern=rustbpe.DEFAULT_PATTERN):
     return merges, vocab
 
 
-def read_shared(*parts, max_chars=None):
-    with open(os.path.join(SHARED_DATA, *parts), encoding="utf-8") as f:
-        return f.read(max_chars)
-
-
 def corpora():
     """Small corpora that stress different parts of the pre-split and the merge bookkeeping."""
     rng = random.Random(1234)
     tricky = list("aasstl'LveRD ") + ["  ", "\t", "\n", "\r\n", "\u00a0", "\u3000", "ſ", "12", "3456", "٣",
                                       "!!", "?", "...", "中文", "한국어", "日本語", "😀", "👍🏽", "👨‍👩‍👧", "é", "e\u0301"]
     return {
-        "ascii_prose": [read_shared("pretrain", "tinyshakespeare", "input.txt", max_chars=30_000)],
+        "ascii_prose": [read_text("pretrain", "tinyshakespeare", "input.txt", max_chars=30_000)],
         "heavy_whitespace": ["def f(x):\n\n    \n\t\treturn   x  \n\n\n   \r\n  end  " * 40, "   \n  " * 30 + "a  b   c"],
         "code": [open(os.path.join(REPO_ROOT, "nanochat", "common.py"), encoding="utf-8").read(),
                  open(os.path.join(REPO_ROOT, "rustbpe", "src", "train.rs"), encoding="utf-8").read()[:12_000]],
         "cjk": ["我们今天去公园散步，天气很好。我们明天还去公园吗？" * 20,
                 "日本語のテキストです。ひらがなとカタカナと漢字。" * 20, "한국어 문장입니다. 안녕하세요, 반갑습니다. " * 20],
         "emoji": ["I love 🍕 and 🍣!! 😀😀😀 👍🏽👍🏽 👨‍👩‍👧 family 🇫🇷🇫🇷 " * 25],
-        "mixed_scripts": [read_shared("pretrain", "wiki_demo", "wiki_demo.txt", max_chars=8_000)
+        "mixed_scripts": [wiki_articles()[0][:8_000]
                           + " Ελληνικά русский текст العربية עברית हिन्दी 12345 6789 " * 10,
                           "".join(rng.choice(tricky) for _ in range(4000))],
     }
 
 
 @pytest.mark.parametrize("name", list(corpora().keys()))
-def test_merges_identical_to_python_reference(name, shared_data):
+def test_merges_identical_to_python_reference(name):
     texts = corpora()[name]
     vocab_size = 256 + 120
     expected_merges, expected_vocab = reference_train(texts, vocab_size)
@@ -101,8 +96,8 @@ def test_merges_identical_to_python_reference(name, shared_data):
     assert [r for _, r in tok.get_mergeable_ranks()] == list(range(len(expected_vocab)))
 
 
-def test_results_independent_of_thread_count_and_batch_size(shared_data):
-    texts = [line for line in read_shared("pretrain", "tinyshakespeare", "input.txt", max_chars=200_000).split("\n\n")]
+def test_results_independent_of_thread_count_and_batch_size():
+    texts = [line for line in read_text("pretrain", "tinyshakespeare", "input.txt", max_chars=200_000).split("\n\n")]
     results = []
     for num_threads, buffer_size in [(1, 1), (1, 10_000), (2, 7), (2, 64), (None, 8192)]:
         tok = rustbpe.Tokenizer()

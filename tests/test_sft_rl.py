@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, TEST_DATA
 from nanochat.dataloader import pack_conversations, sft_batch
 from nanochat.engine import Engine
 from nanochat.rl import group_advantages, pg_micro_batches, rollout
@@ -272,7 +272,7 @@ def test_train_step_two_ranks_equal_one(tmp_path):
 # the scripts: 2 steps each from the previous stage's checkpoint; resume; clear errors
 
 def run_stage(base_dir, module, *flags, check=True):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=SHARED_DATA, OMP_NUM_THREADS="1")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=TEST_DATA, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", module, "--dtype", "float32", *flags], cwd=REPO_ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     if check:
@@ -322,7 +322,7 @@ def test_sft_then_rl_two_steps_each_loadable_and_resumable(tiny, base_dir):
 
 
 def run_torchrun(base_dir, nproc, module, *flags):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=SHARED_DATA, OMP_NUM_THREADS="1")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=TEST_DATA, OMP_NUM_THREADS="1")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     r = subprocess.run([torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", module, "--dtype", "float32",
                         *flags], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)

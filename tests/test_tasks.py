@@ -1,29 +1,33 @@
-"""Tasks on the real files of shared/data: counts, well-formed conversations, conversions, evaluation."""
+"""
+Tasks on real files: counts, well-formed conversations, conversions, evaluation. The suite's own
+copy (tests/data, a declared subset) by default; the full copy (large_data) for the full counts.
+"""
 
-import os
+import gzip
 import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA, shakespeare
 from nanochat.execution import use_calculator
 from nanochat.tokenizer import RustBPETokenizer
 
 
 @pytest.fixture(autouse=True)
 def local_data(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", SHARED_DATA)
+    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", TEST_DATA)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    with open(os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        text = f.read()[:100_000]
+    text = shakespeare(100_000)
     return RustBPETokenizer.train_from_iterator(iter([text[i:i + 1000] for i in range(0, len(text), 1000)]), 400)
 
 
 def all_tasks():
+    """name -> (constructor, rows in the full copy, rows in tests/data); None: not a fixed number."""
     from tasks.arc import ARC
     from tasks.gsm8k import GSM8K
     from tasks.humaneval import HumanEval
@@ -31,30 +35,25 @@ def all_tasks():
     from tasks.smoltalk import HHRLHF, SmolTalk
     from tasks.spellingbee import SimpleSpelling, SpellingBee
     return {
-        ("ARC-Easy", "test"): (lambda: ARC("ARC-Easy", "test"), 2376),
-        ("ARC-Easy", "train"): (lambda: ARC("ARC-Easy", "train"), 2251),
-        ("ARC-Challenge", "test"): (lambda: ARC("ARC-Challenge", "test"), 1170),
-        ("MMLU", "test"): (lambda: MMLU("all", "test"), 14042),
-        ("MMLU", "validation"): (lambda: MMLU("all", "validation"), 1531),
-        ("MMLU", "auxiliary_train"): (lambda: MMLU("auxiliary_train", "train"), 1218),
-        ("GSM8K", "test"): (lambda: GSM8K("main", "test"), 1319),
-        ("GSM8K", "train"): (lambda: GSM8K("main", "train"), 7473),
-        ("HumanEval", "test"): (lambda: HumanEval(), 164),
-        ("SmolTalk", "train"): (lambda: SmolTalk("train"), None),
-        ("SmolTalk", "test"): (lambda: SmolTalk("test"), None),
-        ("HHRLHF", "test"): (lambda: HHRLHF(), None),
-        ("SpellingBee", "train"): (lambda: SpellingBee(300, "train"), 300),
-        ("SimpleSpelling", "test"): (lambda: SimpleSpelling(100, "test"), 100),
+        ("ARC-Easy", "test"): (lambda: ARC("ARC-Easy", "test"), 2376, 60),
+        ("ARC-Easy", "train"): (lambda: ARC("ARC-Easy", "train"), 2251, 60),
+        ("ARC-Challenge", "test"): (lambda: ARC("ARC-Challenge", "test"), 1170, 60),
+        ("MMLU", "test"): (lambda: MMLU("all", "test"), 14042, 100),
+        ("MMLU", "validation"): (lambda: MMLU("all", "validation"), 1531, 66),
+        ("MMLU", "auxiliary_train"): (lambda: MMLU("auxiliary_train", "train"), 1218, 120),
+        ("GSM8K", "test"): (lambda: GSM8K("main", "test"), 1319, 300),
+        ("GSM8K", "train"): (lambda: GSM8K("main", "train"), 7473, 200),
+        ("HumanEval", "test"): (lambda: HumanEval(), 164, 164),
+        ("SmolTalk", "train"): (lambda: SmolTalk("train"), None, None),
+        ("SmolTalk", "test"): (lambda: SmolTalk("test"), None, None),
+        ("HHRLHF", "test"): (lambda: HHRLHF(), None, 60),
+        ("SpellingBee", "train"): (lambda: SpellingBee(300, "train"), 300, 300),
+        ("SimpleSpelling", "test"): (lambda: SimpleSpelling(100, "test"), 100, 100),
     }
 
 
-@pytest.mark.parametrize("key", list(all_tasks().keys()), ids=lambda k: "-".join(k))
-def test_counts_and_well_formed_conversations(key, tokenizer):
-    make, expected = all_tasks()[key]
-    task = make()
-    if expected is not None:
-        assert len(task) == expected
-    assert len(task) > 50
+def check_conversations(task, tokenizer):
+    """Up to 40 conversations spread over the task: roles alternate, contents are real, the mask is right."""
     for i in list(range(0, len(task), max(1, len(task) // 40)))[:40]:
         conversation = task[i]
         messages = conversation["messages"]
@@ -76,8 +75,51 @@ def test_counts_and_well_formed_conversations(key, tokenizer):
                 inside_user = False
 
 
-def test_gsm8k_tool_call_conversion_round_trips():
-    from tasks.gsm8k import GSM8K, answer_to_parts, extract_answer, parts_to_answer
+@pytest.mark.parametrize("key", list(all_tasks().keys()), ids=lambda k: "-".join(k))
+def test_counts_and_well_formed_conversations(key, tokenizer):
+    make, _, expected = all_tasks()[key]
+    task = make()
+    if expected is not None:
+        assert len(task) == expected
+    # the offline SmolTalk test split is every 10th of tests/data's 128 SGD dialogues
+    assert len(task) >= (10 if key == ("SmolTalk", "test") else 50)
+    check_conversations(task, tokenizer)
+
+
+@pytest.mark.parametrize("key", list(all_tasks().keys()), ids=lambda k: "-".join(k))
+def test_full_copy_counts_and_well_formed_conversations(key, tokenizer, large_data, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", large_data)
+    make, expected, _ = all_tasks()[key]
+    task = make()
+    if expected is not None:
+        assert len(task) == expected
+    assert len(task) > 50
+    check_conversations(task, tokenizer)
+
+
+def test_a_truncated_file_fails_its_count_even_in_a_subset(tmp_path, monkeypatch):
+    """subset.json declares the rows of each file: one row lost is still an error naming the file."""
+    from tasks.gsm8k import GSM8K
+    copy = tmp_path / "data"
+    shutil.copytree(TEST_DATA, copy, ignore=shutil.ignore_patterns("pretrain", "core"))
+    rows = gzip.decompress((copy / "gsm8k" / "test.jsonl.gz").read_bytes()).splitlines(keepends=True)
+    (copy / "gsm8k" / "test.jsonl.gz").write_bytes(gzip.compress(b"".join(rows[:-1])))
+    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", str(copy))
+    with pytest.raises(ValueError, match=r"GSM8K test: 299 rows in .*gsm8k/test\.jsonl\.gz, expected 300"):
+        GSM8K("main", "test")
+    assert len(GSM8K("main", "train")) == 200
+    (copy / "subset.json").unlink()  # without the declaration, the full split's count is expected
+    with pytest.raises(ValueError, match="expected 7473"):
+        GSM8K("main", "train")
+    # the plain file is read when both exist
+    (copy / "gsm8k" / "train.jsonl").write_bytes(gzip.decompress((copy / "gsm8k" / "train.jsonl.gz").read_bytes()))
+    (copy / "gsm8k" / "train.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match=r"200 rows in .*gsm8k/train\.jsonl, expected 7473"):
+        GSM8K("main", "train")
+
+
+def gsm8k_round_trips():
+    from tasks.gsm8k import GSM8K, answer_to_parts, parts_to_answer
     n = 0
     for split in ("train", "test"):
         task = GSM8K("main", split)
@@ -85,13 +127,24 @@ def test_gsm8k_tool_call_conversion_round_trips():
             parts = answer_to_parts(row["answer"])
             assert parts_to_answer(parts) == row["answer"]
             assert "<<" not in "".join(p["text"] for p in parts)
+            assert sum(p["type"] == "python" for p in parts) == row["answer"].count("<<")
             n += 1
-    assert n == 8792
+    return n
+
+
+def test_gsm8k_tool_call_conversion_round_trips():
+    from tasks.gsm8k import answer_to_parts, extract_answer
+    assert gsm8k_round_trips() == 500
     example = answer_to_parts("She sold 48/2 = <<48/2=24>>24 clips.\n#### 24")
     assert example == [{"type": "text", "text": "She sold 48/2 = "}, {"type": "python", "text": "48/2"},
                        {"type": "python_output", "text": "24"}, {"type": "text", "text": "24 clips.\n#### 24"}]
     assert extract_answer("so the total is\n#### 1,234.") == "1234"
     assert extract_answer("no marker here") is None
+
+
+def test_gsm8k_full_copy_round_trips(large_data, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", large_data)
+    assert gsm8k_round_trips() == 8792
 
 
 def test_gsm8k_calculator_reproduces_most_annotations():

@@ -5,7 +5,6 @@ bytes, saving is plain data that round-trips and fails loudly when damaged, and 
 tok_eval scripts run end to end.
 """
 
-import gzip
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rustbpe
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import TEST_DATA, REPO_ROOT, read_text, wiki_articles
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, get_token_bytes, get_tokenizer
 
 VOCAB_SIZE = 700
@@ -35,13 +34,9 @@ MULTILINGUAL = [
 
 
 def training_texts():
-    """Real English (C4 sample + a Gutenberg novel) plus the multilingual lines: about 300 kB."""
-    docs = []
-    with open(os.path.join(SHARED_DATA, "pretrain", "c4_demo", "c4_demo.jsonl"), encoding="utf-8") as f:
-        for line in list(f)[:100]:
-            docs.append(json.loads(line)["text"])
-    with gzip.open(os.path.join(SHARED_DATA, "pretrain", "gutenberg", "1342-0.txt.gz"), "rt", encoding="utf-8") as f:
-        book = f.read(150_000)
+    """Real English (Wikipedia articles + a Gutenberg novel) plus the multilingual lines: about 400 kB."""
+    docs = wiki_articles()[:6]
+    book = read_text("pretrain", "gutenberg", "1342-0.txt.gz", max_chars=150_000)
     docs += book.split("\n\n")
     docs += MULTILINGUAL * 50
     return docs
@@ -49,15 +44,12 @@ def training_texts():
 
 def heldout_text():
     """Real text the tokenizer was not trained on."""
-    with open(os.path.join(SHARED_DATA, "pretrain", "c4_demo", "c4_demo.jsonl"), encoding="utf-8") as f:
-        return "\n".join(json.loads(line)["text"] for line in list(f)[200:230])
+    return "\n".join(wiki_articles()[8:12])
 
 
 @pytest.fixture(scope="module")
 def trained():
     """(our tokenizer, a rustbpe.Tokenizer trained on the same text with the BPE part of the vocab)."""
-    if not os.path.isdir(SHARED_DATA):  # the conftest `shared_data` check, usable at module scope
-        pytest.fail(f"real test data not found at {SHARED_DATA} (the tests read shared/data beside the checkout)")
     texts = training_texts()
     tokenizer = RustBPETokenizer.train_from_iterator(iter(texts), VOCAB_SIZE)
     reference = rustbpe.Tokenizer()
@@ -385,8 +377,8 @@ def test_load_missing(tmp_path):
 def make_shards(base_dir):
     """A few small shards of real text where nanochat.dataset looks for them, built by its own `prepare`."""
     from nanochat.dataset import prepare
-    pretrain = os.path.join(SHARED_DATA, "pretrain")
-    prepare([os.path.join(pretrain, "tinyshakespeare", "input.txt"), os.path.join(pretrain, "c4_demo")],
+    pretrain = os.path.join(TEST_DATA, "pretrain")
+    prepare([os.path.join(pretrain, "tinyshakespeare", "input.txt.gz"), os.path.join(pretrain, "wiki_demo")],
             shard_chars=300_000, val_chars=50_000, out_dir=os.path.join(base_dir, "base_data"))
 
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, TEST_DATA, data_path, shakespeare
 from nanochat.dataloader import DataLoader, pack_rows
 
 BOS = 0
@@ -32,10 +32,9 @@ def env_base(tmp_path_factory):
     try:
         from nanochat.dataset import prepare
         from nanochat.tokenizer import RustBPETokenizer
-        inputs = [os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"),
-                  os.path.join(SHARED_DATA, "pretrain", "wikitext-2-raw")]
-        prepare(inputs, shard_chars=400_000, val_chars=100_000, seed=0)
-        text = open(inputs[0], encoding="utf-8").read()
+        inputs = [data_path("pretrain", "tinyshakespeare", "input.txt"), os.path.join(TEST_DATA, "pretrain", "wikitext-2-raw")]
+        prepare(inputs, shard_chars=120_000, val_chars=40_000, seed=0)
+        text = shakespeare()
         tokenizer = RustBPETokenizer.train_from_iterator(iter([text[i:i + 2000] for i in range(0, len(text), 2000)]), 512)
         tokenizer.save(os.path.join(base, "tokenizer"))
         yield base

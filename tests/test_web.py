@@ -13,7 +13,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from conftest import SHARED_DATA
+from conftest import shakespeare
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
@@ -23,8 +23,7 @@ from test_engine import ScriptedModel
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    with open(os.path.join(SHARED_DATA, "pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        text = f.read()[:100_000]
+    text = shakespeare(100_000)
     return RustBPETokenizer.train_from_iterator(iter([text[i:i + 1000] for i in range(0, len(text), 1000)]), 400)
 
 
