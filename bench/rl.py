@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from bench import data_dir, read_text
 from nanochat.common import autocast_ctx, parse_dtype
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_for_depth
@@ -25,7 +26,6 @@ from nanochat.tokenizer import RustBPETokenizer
 from nanochat.training import train_step
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
 
 def main():
@@ -38,11 +38,11 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--dtype", default="auto")
     args = p.parse_args()
-    os.environ.setdefault("NANOCHAT_LOCAL_DATA", SHARED)
+    data = data_dir(small_ok=True)
+    os.environ["NANOCHAT_LOCAL_DATA"] = data
     from tasks.gsm8k import GSM8K
     torch.manual_seed(0)
-    with open(os.path.join(SHARED, "pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(data, "pretrain", "tinyshakespeare", "input.txt")
     tokenizer = RustBPETokenizer.train_from_iterator(iter([text[i:i + 2000] for i in range(0, len(text), 2000)]), args.vocab)
     model = GPT(config_for_depth(args.depth, tokenizer.get_vocab_size(), 1024, head_dim=64))
     model.init_weights()

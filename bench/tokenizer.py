@@ -19,8 +19,10 @@ import subprocess
 import sys
 import time
 
+from bench import data_dir
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "pretrain")
+DEFAULT_DATA = None  # the full copy's pretrain/ (bench.data_dir)
 
 
 def load_documents(data_dir, max_bytes, doc_chars=4000):
@@ -132,11 +134,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=int, default=55, help="megabytes of training text (UTF-8)")
     parser.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size incl. the 256 bytes")
-    parser.add_argument("--data", default=DEFAULT_DATA, help="folder laid out like shared/data/pretrain")
+    parser.add_argument("--data", default=DEFAULT_DATA,
+                        help="folder laid out like shared/data/pretrain (default: $NANOCHAT_LOCAL_DATA/pretrain or ../shared/data/pretrain)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.data is None:
+        args.data = os.path.join(data_dir(), "pretrain")
     if args.worker:
         return worker(args)
 

@@ -20,8 +20,9 @@ import sys
 import tempfile
 import time
 
+from bench import data_dir
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_PRETRAIN = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "pretrain")
 
 
 def worker(args):
@@ -81,8 +82,9 @@ def quality(ns):
             if r.returncode != 0:
                 raise RuntimeError(f"{argv} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
             return r.stdout
-        py("-m", "nanochat.dataset", "prepare", "--input", os.path.join(SHARED_PRETRAIN, "gutenberg"),
-           os.path.join(SHARED_PRETRAIN, "wikitext-2-raw"), "--shard-chars", "20000000", "--val-chars", "500000")
+        pretrain = os.path.join(data_dir(), "pretrain")
+        py("-m", "nanochat.dataset", "prepare", "--input", os.path.join(pretrain, "gutenberg"),
+           os.path.join(pretrain, "wikitext-2-raw"), "--shard-chars", "20000000", "--val-chars", "500000")
         py("-m", "scripts.tok_train", "--vocab-size", "8192", "--max-chars", "20000000")
         results = {}
         for dtype in ("fp32", "bf16"):

@@ -50,6 +50,14 @@ def test_rendering_matches_the_spec_by_hand():
     assert len(shots) == 10 and 7 not in shots and shots == fewshot_indices(len(arc), 7, 10)
     expected = "".join(f"{arc[j]['query']}\nAnswer: {arc[j]['choices'][arc[j]['gold']]}\n\n" for j in shots)
     assert prefixes[0] == expected + arc[7]["query"] + "\nAnswer: "
+    # few-shot schema and language modeling: each shot rendered with its gold context / its continuation
+    prefixes, conts, _ = render_item(wino, 3, "schema", 10, " ")
+    shots = fewshot_indices(len(wino), 3, 10)  # golds 0 and 1 among them
+    head = "".join(f"{wino[j]['context_options'][wino[j]['gold']]} {wino[j]['continuation']}\n\n" for j in shots)
+    assert prefixes == [head + c + " " for c in wino[3]["context_options"]]
+    prefixes, conts, _ = render_item(lam, 5, "language_modeling", 10, " ")
+    head = "".join(f"{lam[j]['context']} {lam[j]['continuation']}\n\n" for j in fewshot_indices(len(lam), 5, 10))
+    assert prefixes == [head + lam[5]["context"] + " "] and conts == [lam[5]["continuation"]]
     # fewer items than shots + 1: use what exists, no exception
     assert sorted(fewshot_indices(4, 2, 10)) == [0, 1, 3]
 

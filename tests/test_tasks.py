@@ -4,6 +4,7 @@ copy (tests/data, a declared subset) by default; the full copy (large_data) for 
 """
 
 import gzip
+import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -86,15 +87,14 @@ def test_counts_and_well_formed_conversations(key, tokenizer):
     check_conversations(task, tokenizer)
 
 
-@pytest.mark.parametrize("key", list(all_tasks().keys()), ids=lambda k: "-".join(k))
-def test_full_copy_counts_and_well_formed_conversations(key, tokenizer, large_data, monkeypatch):
+def test_full_copy_counts_and_well_formed_conversations(tokenizer, large_data, monkeypatch):
     monkeypatch.setenv("NANOCHAT_LOCAL_DATA", large_data)
-    make, expected, _ = all_tasks()[key]
-    task = make()
-    if expected is not None:
-        assert len(task) == expected
-    assert len(task) > 50
-    check_conversations(task, tokenizer)
+    for key, (make, expected, _) in all_tasks().items():
+        task = make()
+        if expected is not None:
+            assert len(task) == expected, key
+        assert len(task) > 50, key
+        check_conversations(task, tokenizer)
 
 
 def test_a_truncated_file_fails_its_count_even_in_a_subset(tmp_path, monkeypatch):
@@ -180,6 +180,43 @@ def test_multiple_choice_rendering_and_evaluation():
     assert gold in c["letters"]
     assert task.evaluate(c, gold) and not task.evaluate(c, next(l for l in c["letters"] if l != gold))
     assert task.eval_type == "categorical"
+
+
+def test_loaders_put_the_gold_answer_on_the_right_choice():
+    """Each multiple-choice conversation, checked against its raw row read here without the loader:
+    the gold letter names the choice the row says is right (ARC's answerKey; MMLU's answer letter in
+    the headerless layout, its 0-3 index in the headered one)."""
+    import csv
+    import io
+    import json
+    from conftest import read_text
+    from tasks.arc import ARC
+    from tasks.mmlu import MMLU
+
+    def gold_text(conversation):
+        letter = conversation["messages"][-1]["content"]
+        user = conversation["messages"][0]["content"]
+        return re.search(rf"^{letter}\. (.*)$", user, re.M).group(1)
+
+    for subset in ("ARC-Easy", "ARC-Challenge"):
+        raw = [json.loads(line) for line in read_text("arc", subset, "test.jsonl").splitlines()]
+        task = ARC(subset, "test")
+        for i, row in enumerate(raw):
+            right = next(c["text"] for c in row["question"]["choices"] if c["label"] == row["answerKey"])
+            assert gold_text(task[i]) == right.strip(), (subset, i)
+    expected = []
+    for name in sorted(os.listdir(os.path.join(TEST_DATA, "mmlu", "test"))):
+        for row in csv.reader(io.StringIO(read_text("mmlu", "test", name), newline="")):
+            expected.append((row[0], row[1 + "ABCD".index(row[5].strip())]))
+    headered = sorted(os.listdir(os.path.join(TEST_DATA, "mmlu", "test_5_subjects_haechan")))
+    assert headered, "tests/data must hold the headered MMLU layout too"
+    for name in headered:
+        for row in csv.DictReader(io.StringIO(read_text("mmlu", "test_5_subjects_haechan", name), newline="")):
+            expected.append((row["question"], row[f"choice{int(row['answer'])}"]))
+    task = MMLU("all", "test")
+    assert len(task) == len(expected)
+    for i, (question, right) in enumerate(expected):
+        assert task[i]["messages"][0]["content"].startswith(question.strip()) and gold_text(task[i]) == right.strip(), i
 
 
 def test_mixture_sequence_and_slicing():
