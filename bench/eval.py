@@ -15,7 +15,7 @@ import torch
 
 from bench import data_dir, read_text
 from nanochat.core_eval import CORE_TASKS, evaluate_task, load_rows
-from nanochat.execution import execute_many
+from nanochat.sandbox import execute_many
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import RustBPETokenizer
 

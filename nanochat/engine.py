@@ -158,7 +158,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         if calculator is None:
-            from nanochat.execution import use_calculator as calculator
+            from nanochat.calculator import use_calculator as calculator
         self.calculator = calculator
         special = tokenizer.encode_special
         self.stop_ids = {special("<|assistant_end|>"), special("<|bos|>")}

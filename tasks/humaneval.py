@@ -1,7 +1,7 @@
 """
 HumanEval: 164 Python functions to complete. The user gives the signature and docstring; the
 assistant answers with the whole function in a ```python block. Evaluation runs the completion
-against the problem's tests in the sandbox (nanochat.execution).
+against the problem's tests in the sandbox (nanochat.sandbox).
 """
 
 import gzip
@@ -53,7 +53,7 @@ class HumanEval(Task):
     def evaluate(self, conversation, completion):
         """Passes only if the tests ran to the end: a completion that exits early (sys.exit(0)) fails."""
         import secrets
-        from nanochat.execution import execute_code
+        from nanochat.sandbox import execute_code
         nonce = secrets.token_hex(8)
         program = self.program(conversation, completion) + f"print({nonce!r})\n"
         result = execute_code(program, timeout=self.timeout)

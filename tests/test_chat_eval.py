@@ -67,3 +67,23 @@ def test_chat_eval_script_writes_its_report_section(base_dir):
     bad = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "-a", "NoSuchTask"], cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown task" in bad.stderr
+
+
+def test_humaneval_is_skipped_and_named_when_the_sandbox_is_unavailable(base_dir, monkeypatch, capsys):
+    """Fail closed, but only for the task that needs the sandbox: the others still count."""
+    from nanochat import sandbox
+    from scripts import chat_eval
+
+    def no_namespaces():
+        raise sandbox.SandboxUnavailable("unshare: Operation not permitted")
+    make_chat_checkpoint(base_dir)
+    monkeypatch.setenv("NANOCHAT_LOCAL_DATA", TEST_DATA)
+    monkeypatch.delenv(sandbox.OPT_IN_ENV, raising=False)
+    monkeypatch.setattr(sandbox, "_probe", no_namespaces)
+    monkeypatch.setattr(sandbox, "_probe_ok", False)
+    chat_eval.main(["-i", "sft", "-a", "ARC-Easy|HumanEval", "--max-problems", "2", "--max-new-tokens", "4",
+                    "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert "HumanEval: skipped" in out and "Operation not permitted" in out and "ChatCORE over 1 task(s) (ARC-Easy)" in out
+    section = open(os.path.join(base_dir, "report", "chat-evaluation-sft.md"), encoding="utf-8").read()
+    assert "- HumanEval skipped: cannot isolate" in section and not re.search(r"^- HumanEval: ", section, re.M)

@@ -159,7 +159,7 @@ def test_tool_use_injects_calculator_output(tokenizer):
 
 
 def test_tool_error_is_injected_as_text(tokenizer):
-    from nanochat.execution import use_calculator
+    from nanochat.calculator import use_calculator
     sp = tokenizer.encode_special
     head = [sp("<|python_start|>"), *tokenizer.encode("1/0"), sp("<|python_end|>")]
     tail = [sp("<|assistant_end|>")]

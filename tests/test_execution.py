@@ -1,7 +1,7 @@
 """
 The calculator tool (allow-listed syntax tree, no eval, bounded, thread-safe) and the program sandbox.
 Sandbox tests run twice: with namespaces (as CI runs: root with CAP_SYS_ADMIN) and in the forced
-fallback without them (rlimits + nobody + socket guard), each with the guarantees it documents.
+not-isolated mode (opted in: rlimits + a user id of its own + socket guard), each with the guarantees it documents.
 """
 
 import ast
@@ -19,12 +19,13 @@ import uuid
 
 import pytest
 
-from nanochat import execution
-from nanochat.execution import MAX_OUTPUT, execute_code, execute_many, use_calculator
+from nanochat import sandbox
+from nanochat.calculator import use_calculator
+from nanochat.sandbox import MAX_OUTPUT, execute_code, execute_many
 
 ROOT = os.geteuid() == 0
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_root = pytest.mark.skipif(not ROOT, reason="the sandbox drops to `nobody` only when run as root, as CI runs")
+needs_root = pytest.mark.skipif(not ROOT, reason="the sandbox changes user only when run as root, as CI runs")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -78,7 +79,7 @@ SENTINEL = f"/tmp/nanochat_calc_pwned_{uuid.uuid4().hex}"
 ])
 def test_calculator_refuses_and_runs_nothing(expr):
     # in a child process, so that a missing bound fails the test (after 30 s) instead of hanging it
-    code = "import sys, time\nfrom nanochat.execution import use_calculator\n" \
+    code = "import sys, time\nfrom nanochat.calculator import use_calculator\n" \
            "t0 = time.time()\nout = use_calculator(sys.argv[1])\nprint(round(time.time() - t0, 3), out)"
     child = subprocess.run([sys.executable, "-c", code, expr], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
     seconds, out = child.stdout.rstrip("\n").split(" ", 1)
@@ -130,9 +131,12 @@ def test_calculator_from_many_threads():
 
 @pytest.fixture(params=["namespaces", "fallback"])
 def mode(request, monkeypatch):
-    if request.param == "namespaces" and not execution._namespaces_available():
-        pytest.skip("namespaces are unavailable here (neither CAP_SYS_ADMIN nor unprivileged user namespaces)")
-    monkeypatch.setattr(execution, "_isolation", request.param == "namespaces")
+    if request.param == "namespaces":
+        if not sandbox.isolation_available()[0]:
+            pytest.skip("namespaces are unavailable here (neither CAP_SYS_ADMIN nor unprivileged user namespaces)")
+    else:  # the weak mode, which runs only when asked for
+        monkeypatch.setattr(sandbox, "isolation_available", lambda: (False, "the test asks for the not-isolated mode"))
+        monkeypatch.setenv(sandbox.OPT_IN_ENV, sandbox.OPT_IN_VALUE)
     return request.param
 
 
@@ -204,7 +208,10 @@ def test_runs_unprivileged(mode):
            "print([l for l in open('/proc/self/status') if l.startswith('NoNewPrivs')][0].split()[1])\n" \
            "try:\n    os.setuid(0)\nexcept PermissionError:\n    print('setuid refused')"
     r = execute_code(code)
-    assert r.stdout == "65534 65534 65534 []\n1\nsetuid refused\n", r
+    uid, euid, gid, groups = r.stdout.splitlines()[0].split(" ", 3)
+    assert int(uid) == int(euid) == int(gid) >= sandbox.UID_BASE and groups == "[]", r  # a user id of its own
+    assert r.stdout.splitlines()[1:] == ["1", "setuid refused"], r
+    assert execute_code(code).stdout.split()[0] != uid  # the next sandbox gets another one
 
 
 @needs_root
@@ -258,9 +265,8 @@ def test_cannot_write_outside_its_directory(mode, open_dir, tmp_path):
 
 @needs_root
 def test_namespaces_make_everything_else_read_only(open_dir, monkeypatch):
-    if not execution._namespaces_available():
+    if not sandbox.isolation_available()[0]:
         pytest.skip("namespaces are unavailable here")
-    monkeypatch.setattr(execution, "_isolation", True)
     shared = os.path.join(open_dir, "world_writable.txt")
     with open(shared, "w") as f:
         f.write("original")
@@ -270,7 +276,8 @@ def test_namespaces_make_everything_else_read_only(open_dir, monkeypatch):
            f"        open(p, 'w').write('pwned')\n        print('wrote', p)\n    except OSError as e:\n" \
            f"        print(e.errno)"
     r = execute_code(code)
-    assert "wrote" not in r.stdout and r.stdout.split() == ["30"] * 4, r  # EROFS
+    # the host's /tmp file is not even there (an empty /tmp); the empty scratch folders are read-only
+    assert "wrote" not in r.stdout and r.stdout.split() == ["2", "30", "30", "30"], r  # ENOENT, EROFS x 3
     assert open(shared).read() == "original" and not os.path.exists(new_file)
 
 
@@ -316,8 +323,8 @@ def test_no_parent_secrets_home_or_checkpoints(mode, open_dir, monkeypatch):
     r = execute_code("import os\nprint(sorted(os.environ))")
     assert r.success and set(ast.literal_eval(r.stdout)) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_CTYPE"}, r.stdout
     if mode == "namespaces":  # the home and checkpoint folders are not even visible
-        r = execute_code(f"import os\nprint(os.listdir('/root'), os.listdir({base!r}))")
-        assert r.stdout == "[] []\n", r  # empty folders in their place
+        r = execute_code(f"import os\nprint(os.listdir('/root'), os.path.isdir({base!r}) and os.listdir({base!r}))")
+        assert r.stdout in ("[] []\n", "[] False\n"), r  # empty folders in their place (or, in /tmp, not there)
     assert open(private).read() == secret  # the host's files are unharmed
 
 
@@ -343,17 +350,16 @@ def test_namespaces_are_used_where_the_kernel_allows_them():
     code = f"import ctypes, sys\nsys.exit(ctypes.CDLL(None, use_errno=True).unshare({flags}))"
     if subprocess.run([sys.executable, "-c", code], timeout=30).returncode != 0:
         pytest.skip("this kernel/container refuses the namespaces (no CAP_SYS_ADMIN or user namespaces)")
-    assert execution._namespaces_available()
+    assert sandbox.isolation_available() == (True, "")
 
 
 def test_a_broken_sandbox_raises_instead_of_failing_the_program(monkeypatch):
-    if not execution._namespaces_available():
+    if not sandbox.isolation_available()[0]:
         pytest.skip("namespaces are unavailable here")
-    monkeypatch.setattr(execution, "_isolation", True)
     # the program's own exit status 121 (the launcher's setup-failure code) is just a failed program
     r = execute_code("import os\nos._exit(121)")
     assert not r.success and r.error == "exit status 121"
     # a sandbox that cannot be built (here: a folder to hide that does not exist) is an error, loudly
-    monkeypatch.setattr(execution, "_hidden_dirs", lambda: ["/nanochat/does/not/exist"])
+    monkeypatch.setattr(sandbox, "_hidden_dirs", lambda: ["/nanochat/does/not/exist"])
     with pytest.raises(RuntimeError, match="could not build the sandbox"):
         execute_code("print('hello')")

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import TEST_DATA, shakespeare
-from nanochat.execution import use_calculator
+from nanochat.calculator import use_calculator
 from nanochat.tokenizer import RustBPETokenizer
 
 
