@@ -3,6 +3,7 @@ Small things every stage needs: where artifacts live, where local copies of remo
 rank-aware printing and atomic file writes. No stage logic lives here.
 """
 
+import datetime
 import gzip
 import os
 import tempfile
@@ -133,10 +134,15 @@ def compute_init(device_type=None):
         torch.cuda.set_device(device)
     else:
         device = torch.device(device_type)
-    if ddp and world_size > 1 and not dist.is_initialized():
+    if ddp and not dist.is_initialized():
+        # also for a single process under torchrun: the optimizers' collectives then run for real (NCCL
+        # included), as on a node, and a 1-process run is the same code as an 8-process one
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        # a generous timeout: rank 0 may save a large checkpoint or sample while the others wait
+        timeout = datetime.timedelta(minutes=float(os.environ.get("NANOCHAT_DIST_TIMEOUT_MIN", "30")))
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None, timeout=timeout)
         dist.barrier()
+        print0(f"distributed: backend {backend}, world size {world_size}")
     return ddp and world_size > 1, rank, local_rank, world_size, device
 
 

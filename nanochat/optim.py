@@ -28,7 +28,7 @@ def _world():
 def _reduce_scatter_mean(inputs):
     """inputs: a list of W tensors (one per rank's share). Returns this rank's share, averaged over ranks."""
     rank, world = _world()
-    if world == 1:
+    if not dist.is_available() or not dist.is_initialized():
         return inputs[0]
     if dist.get_backend() == "nccl":
         out = torch.empty_like(inputs[rank])
@@ -44,7 +44,7 @@ def _reduce_scatter_mean(inputs):
 def _all_gather_into(outputs, local):
     """outputs: a list of W tensors to fill with every rank's `local` (ours included)."""
     _, world = _world()
-    if world == 1:
+    if not dist.is_available() or not dist.is_initialized():
         if outputs[0] is not local:
             outputs[0].copy_(local)
         return
