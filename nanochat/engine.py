@@ -13,76 +13,26 @@ rows differ from their first token on, and row i of a batch equals a lone run se
 Rows stop at <|assistant_end|> or <|bos|>. Tool use: when a row closes <|python_start|>EXPR
 <|python_end|>, the calculator evaluates EXPR and <|output_start|>RESULT<|output_end|> is forced into
 that row's stream, token by token, marked forced=1 (RL masks these out of its loss).
+
+Serving many requests: BatchScheduler (continuous batching) runs one shared decode step over a fixed
+pool of cache slots; requests join and leave between steps, and each gets the tokens it would get
+alone (the per-row work has the same shapes whatever else is in the batch).
+
+    scheduler = BatchScheduler(engine, slots=16)
+    for column, forced in scheduler.generate(prompt_ids, max_tokens=256, temperature=0.8, seed=1):
+        ...
 """
 
+import queue
+import threading
+import time
 from collections import deque
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-
-class KVCache:
-    """
-    Keys and values per layer, preallocated as (batch, kv_heads, max_len, head_dim) and grown by
-    allocating a larger buffer and copying (never `resize_`, which scrambles the layout). Its dtype
-    follows the keys it is given, so fp32 on CPU and bf16 under autocast both work.
-    """
-
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
-        self.shape = (batch_size, num_heads, seq_len, head_dim)
-        self.num_layers = num_layers
-        self.k = [None] * num_layers
-        self.v = [None] * num_layers
-        self.pos = 0
-
-    def reset(self):
-        self.pos = 0
-
-    def get_pos(self):
-        return self.pos
-
-    def _grow(self, layer_idx, needed, like):
-        B, H, T, D = self.shape
-        capacity = T if self.k[layer_idx] is None else self.k[layer_idx].size(2)
-        if self.k[layer_idx] is not None and needed <= capacity:
-            return
-        new_len = max(capacity, needed)
-        if self.k[layer_idx] is not None:
-            new_len = max(new_len, 2 * capacity)
-        k = torch.empty(B, H, new_len, D, dtype=like.dtype, device=like.device)
-        v = torch.empty_like(k)
-        if self.k[layer_idx] is not None:
-            k[:, :, :self.pos] = self.k[layer_idx][:, :, :self.pos]
-            v[:, :, :self.pos] = self.v[layer_idx][:, :, :self.pos]
-        self.k[layer_idx], self.v[layer_idx] = k, v
-
-    def insert_kv(self, layer_idx, k, v):
-        """Appends this step's keys/values (B, H, T_new, D) for one layer; returns all of them so far.
-        The position advances after the last layer has written."""
-        t_new = k.size(2)
-        end = self.pos + t_new
-        self._grow(layer_idx, end, k)
-        self.k[layer_idx][:, :, self.pos:end] = k
-        self.v[layer_idx][:, :, self.pos:end] = v
-        keys, values = self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
-        if layer_idx == self.num_layers - 1:
-            self.pos = end
-        return keys, values
-
-    def replicate(self, batch_size, seq_len=None):
-        """A new cache of `batch_size` rows, each holding a copy of this (batch 1) cache's prefix."""
-        B, H, T, D = self.shape
-        if B != 1:
-            raise ValueError("only a batch-1 cache (one prefilled prompt) can be replicated")
-        other = KVCache(batch_size, H, max(seq_len or T, self.pos), D, self.num_layers)
-        for i in range(self.num_layers):
-            if self.k[i] is None:
-                continue
-            other._grow(i, other.shape[2], self.k[i])
-            other.k[i][:, :, :self.pos] = self.k[i][:, :, :self.pos]
-            other.v[i][:, :, :self.pos] = self.v[i][:, :, :self.pos]
-        other.pos = self.pos
-        return other
+from nanochat.kv_cache import KVCache, SlotCache  # noqa: F401 (KVCache is part of this module's interface)
 
 
 def sample_next(logits, generators, temperature=1.0, top_k=None, top_p=None):
@@ -200,30 +150,37 @@ class Engine:
         for _ in range(budget):
             sampled = sample_next(logits, generators, temperature, top_k, top_p).tolist()
             column, forced = [], []
-            for i, row in enumerate(rows):
-                if row.done:
-                    column.append(None)
-                    forced.append(0)
-                    continue
-                is_forced = bool(row.forced)
-                token = row.forced.popleft() if is_forced else sampled[i]
+            for row, token in zip(rows, sampled):
+                token, was_forced = self.next_token(row, token, tools)
                 column.append(token)
-                forced.append(int(is_forced))
-                if token in self.stop_ids and not is_forced:
-                    row.done = True
-                elif tools and token == self.python_start:
-                    row.in_python, row.expr_tokens = True, []
-                elif token == self.python_end and row.in_python:
-                    row.in_python = False
-                    row.forced.extend(self._tool_output(row.expr_tokens))
-                elif row.in_python:
-                    row.expr_tokens.append(token)
+                forced.append(was_forced)
             yield column, forced
             if all(row.done for row in rows):
                 return
             # finished rows keep feeding a token (their own last one) so the batch stays rectangular
             feed = [t if t is not None else self.tokenizer.get_bos_token_id() for t in column]
             logits = self.model(torch.tensor(feed, dtype=torch.long, device=device).view(-1, 1), kv_cache=cache)[:, -1, :]
+
+    def next_token(self, row, sampled, tools=True):
+        """
+        One row's next token: a forced tool-output token if any is queued, else the sampled one; updates
+        the row's tool-use state (a closed python block queues its result). Returns (token, forced 0/1),
+        (None, 0) for a finished row.
+        """
+        if row.done:
+            return None, 0
+        is_forced = bool(row.forced)
+        token = row.forced.popleft() if is_forced else sampled
+        if token in self.stop_ids and not is_forced:
+            row.done = True
+        elif tools and token == self.python_start:
+            row.in_python, row.expr_tokens = True, []
+        elif token == self.python_end and row.in_python:
+            row.in_python = False
+            row.forced.extend(self._tool_output(row.expr_tokens))
+        elif row.in_python:
+            row.expr_tokens.append(token)
+        return token, int(is_forced)
 
     def generate_batch(self, tokens, num_samples=1, keep_stop=False, **kwargs):
         """Runs generate to the end. Returns (rows, masks): each row is prompt + new tokens (the sampled
@@ -237,3 +194,207 @@ class Engine:
                 rows[i].append(token)
                 masks[i].append(0 if was_forced else 1)
         return rows, masks
+
+
+# -------------------------------------------------------------------------------------------------
+# continuous batching: many requests share one decode step over a fixed pool of cache slots
+
+class Request:
+    """One submitted prompt (num_samples rows). Iterating yields (column, forced) like Engine.generate."""
+
+    def __init__(self, tokens, num_samples, max_tokens, sampling, seed, tools):
+        self.tokens, self.num_samples, self.max_tokens = tokens, num_samples, max_tokens
+        self.sampling, self.tools = sampling, tools  # sampling: (temperature, top_k, top_p)
+        self.rows = [RowState() for _ in range(num_samples)]
+        self.generators = [None] * num_samples
+        self.seed, self.slots, self.emitted = seed, [], 0
+        self.events = queue.Queue()
+        self.cancelled = False
+
+    def cancel(self):
+        """Stop generating (a client went away): the slots are freed at the next step."""
+        self.cancelled = True
+
+    def __iter__(self):
+        try:
+            while True:
+                event = self.events.get()
+                if event is None:
+                    return
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:  # the consumer stopped early (a disconnect, a stop string): free the slots
+            self.cancel()
+
+
+class BatchScheduler:
+    """
+    Continuous batching over one model: active requests share one decode step over a SlotCache of
+    `slots` rows; a new request is prefilled (alone, eager) and joins at the next step; a finished or
+    cancelled request leaves its slots at once. Per-request temperature/top_k/top_p/seed/max_tokens and
+    tool use work as in Engine.generate, and since every row's computation has the same shapes whatever
+    else is in the batch, a request's tokens do not depend on its neighbours (seeded sampling included).
+    compile: torch.compile the decode step (CUDA graphs on a GPU), for "auto" only where a quick
+    measurement shows it faster; eager otherwise, and whenever compiling fails.
+    """
+
+    def __init__(self, engine, slots=8, max_len=None, autocast=None, compile="off"):
+        self.engine, self.model = engine, engine.model
+        c = self.model.config
+        self.max_len = max_len or c.sequence_len
+        self.device = self.model.get_device()
+        self.cache = SlotCache(slots, c.n_kv_head, self.max_len, c.n_embd // c.n_head, c.n_layer, self.device)
+        self.owner = [None] * slots  # the Request holding each slot
+        self.row_of = [0] * slots  # which of its rows
+        self.feed = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
+        self.pending = deque()
+        self.cond = threading.Condition()
+        self.autocast = autocast or nullcontext()
+        if compile not in ("off", "on", "auto"):
+            raise ValueError(f"compile must be off, on or auto, got {compile!r}")
+        self.compile_mode, self.compiled, self.thread = compile, None, None
+        self.steps = 0
+
+    @property
+    def slots(self):
+        return len(self.owner)
+
+    def free_slots(self):
+        return sum(o is None for o in self.owner)
+
+    def submit(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42, tools=True):
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+            raise ValueError("submit takes a non-empty list of int token ids")
+        if not 1 <= num_samples <= self.slots:
+            raise ValueError(f"num_samples must be between 1 and the {self.slots} slots, got {num_samples}")
+        if len(tokens) >= self.max_len:
+            raise ValueError(f"the prompt has {len(tokens)} tokens; the cache holds {self.max_len}")
+        budget = self.max_len - len(tokens) if max_tokens is None else min(max_tokens, self.max_len - len(tokens))
+        request = Request(tokens, num_samples, budget, (temperature, top_k, top_p), seed, tools)
+        with self.cond:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="nanochat-batch", daemon=True)
+                self.thread.start()
+            self.pending.append(request)
+            self.cond.notify()
+        return request
+
+    def generate(self, tokens, **kwargs):
+        """Engine.generate's interface, served by the shared batch."""
+        return iter(self.submit(tokens, **kwargs))
+
+    # ---------------------------------------------------------------------------------------------
+    # the scheduler thread: admit, step, hand out tokens
+
+    def _loop(self):
+        while True:
+            with self.cond:
+                while not self.pending and all(o is None for o in self.owner):
+                    self.cond.wait()
+                admitted = []
+                while self.pending and (self.pending[0].cancelled or self.pending[0].num_samples <= self.free_slots()):
+                    request = self.pending.popleft()
+                    if request.cancelled:
+                        request.events.put(None)
+                        continue
+                    request.slots = [i for i, o in enumerate(self.owner) if o is None][:request.num_samples]
+                    for j, slot in enumerate(request.slots):
+                        self.owner[slot], self.row_of[slot] = request, j
+                    admitted.append(request)
+            try:
+                with torch.inference_mode(), self.autocast:
+                    for request in admitted:
+                        self._prefill(request)
+                    if any(o is not None for o in self.owner):
+                        self._step()
+            except Exception as e:  # a failed step fails its requests, not the server
+                for request in {o for o in self.owner if o is not None}:
+                    self._release(request, e)
+
+    def _prefill(self, request):
+        tokens = request.tokens
+        prefix = KVCache(1, self.cache.shape[1], len(tokens), self.cache.shape[3], self.cache.num_layers)
+        logits = self.model(torch.tensor([tokens], dtype=torch.long, device=self.device), kv_cache=prefix)[:, -1, :]
+        for j, slot in enumerate(request.slots):
+            self.cache.load(slot, prefix, len(tokens))
+            request.generators[j] = torch.Generator(device=self.device).manual_seed(request.seed + j)
+        self._emit(request, logits.expand(request.num_samples, -1))
+
+    def _decode(self, n):
+        self.cache.begin_step(n)
+        return self.model(self.feed[:n], kv_cache=self.cache)[:, -1, :]
+
+    def _step(self):
+        # rows computed: the occupied prefix, rounded up to a power of two (a request takes the lowest free
+        # slot), so one request alone costs one row, and a compiled step has a few shapes, not one per count
+        used = max(i for i, o in enumerate(self.owner) if o is not None) + 1
+        n = min(self.slots, 1 << (used - 1).bit_length())
+        logits = self._run_step(n)
+        active = torch.tensor([o is not None for o in self.owner[:n]], device=self.device)
+        self.cache.lengths[:n] += active.long()  # only occupied slots advance
+        self.steps += 1
+        for request in {o for o in self.owner if o is not None}:
+            self._emit(request, logits[request.slots])
+
+    def _emit(self, request, logits):
+        """Sample each row of a request, advance its tool state, hand the column out; release it when done."""
+        if request.cancelled:
+            return self._release(request)
+        temperature, top_k, top_p = request.sampling
+        column, forced = [], []
+        for j, slot in enumerate(request.slots):
+            row = request.rows[j]
+            sampled = None if row.done else sample_next(logits[j:j + 1], [request.generators[j]], temperature, top_k, top_p).item()
+            token, was_forced = self.engine.next_token(row, sampled, request.tools)
+            column.append(token)
+            forced.append(was_forced)
+            self.feed[slot, 0] = token if token is not None else self.engine.tokenizer.get_bos_token_id()
+        request.emitted += 1
+        request.events.put((column, forced))
+        if all(row.done for row in request.rows) or request.emitted >= request.max_tokens:
+            self._release(request)
+
+    def _release(self, request, error=None):
+        for slot in request.slots:
+            if self.owner[slot] is request:
+                self.owner[slot] = None
+                self.cache.lengths[slot] = 0
+        request.events.put(error)
+
+    def _run_step(self, n):
+        """The decode step, compiled on the first call when asked (and, for "auto", kept only if faster)."""
+        if self.compiled is not None:
+            return self.compiled(n)
+        if self.compile_mode == "off":
+            return self._decode(n)
+        mode, self.compile_mode = self.compile_mode, "off"  # decided once
+        try:
+            compiled = torch.compile(self._decode, dynamic=False,
+                                     mode="reduce-overhead" if self.device.type == "cuda" else None)
+            for _ in range(3):  # compile, warm up
+                compiled(n)
+            if mode == "auto" and _time(lambda: compiled(n)) > _time(lambda: self._decode(n)):
+                compiled = None
+            self.compiled = compiled
+            print(f"nanochat.engine: decode step {'compiled' if compiled is not None else 'eager (measured faster)'}")
+            # every call above wrote this step's keys at the same positions and left the lengths alone,
+            # so one more call of the chosen step is this step's real result
+            return (compiled or self._decode)(n)
+        except Exception as e:  # a platform without a working compiler: stay eager
+            print(f"nanochat.engine: decode step not compiled ({type(e).__name__}: {e}); running eager")
+            return self._decode(n)
+
+
+def _time(step, reps=5):
+    """Seconds per call of a decode step (best of reps)."""
+    best = float("inf")
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best

@@ -93,6 +93,8 @@ class CausalSelfAttention(nn.Module):
             Hkv, G = self.n_kv_head, self.n_head // self.n_kv_head
             qg = q.view(B, Hkv, G, self.head_dim)
             scores = (qg @ k.transpose(-2, -1)) * self.head_dim ** -0.5  # (B, Hkv, G, Tk)
+            if getattr(kv_cache, "valid", None) is not None:  # a slot pool: each row sees only its own length
+                scores = scores.masked_fill(~kv_cache.valid, float("-inf"))
             y = (scores.float().softmax(dim=-1).to(v.dtype) @ v).view(B, self.n_head, 1, self.head_dim)
         else:
             # a chunk after a cached prefix: the whole prefix, causal within the chunk
@@ -215,14 +217,18 @@ class GPT(nn.Module):
         With a kv_cache, idx continues the cached sequence (prefill a prompt, or decode one token).
         """
         B, T = idx.size()
-        T0 = 0 if kv_cache is None else kv_cache.get_pos()
+        positions = getattr(kv_cache, "positions", None)
+        T0 = 0 if kv_cache is None or positions is not None else kv_cache.get_pos()
         if T0 + T > self.cos.size(1):
             # normal tensors even when grown during sampling (inference tensors could not be used by a
             # later training forward, e.g. RL training right after its rollouts)
             with torch.inference_mode(False), torch.no_grad():
                 cos, sin = self._rotary_tables(max(2 * self.cos.size(1), T0 + T), device=idx.device)
             self.cos, self.sin = cos, sin
-        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        if positions is not None:  # a slot pool (engine.SlotCache): one token per row, each at its own position
+            cos_sin = self.cos[0, positions][:, None], self.sin[0, positions][:, None]
+        else:
+            cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)

@@ -1,0 +1,113 @@
+"""
+The KV caches generation runs on. KVCache: one batch of sequences that advance together (a prompt's
+prefill, then its rows), grown by reallocation. SlotCache: a fixed pool of sequences of different
+lengths for continuous batching (engine.BatchScheduler), allocated once.
+"""
+
+import torch
+
+
+class KVCache:
+    """
+    Keys and values per layer, preallocated as (batch, kv_heads, max_len, head_dim) and grown by
+    allocating a larger buffer and copying (never `resize_`, which scrambles the layout). Its dtype
+    follows the keys it is given, so fp32 on CPU and bf16 under autocast both work.
+    """
+
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
+        self.shape = (batch_size, num_heads, seq_len, head_dim)
+        self.num_layers = num_layers
+        self.k = [None] * num_layers
+        self.v = [None] * num_layers
+        self.pos = 0
+
+    def reset(self):
+        self.pos = 0
+
+    def get_pos(self):
+        return self.pos
+
+    def _grow(self, layer_idx, needed, like):
+        B, H, T, D = self.shape
+        capacity = T if self.k[layer_idx] is None else self.k[layer_idx].size(2)
+        if self.k[layer_idx] is not None and needed <= capacity:
+            return
+        new_len = max(capacity, needed)
+        if self.k[layer_idx] is not None:
+            new_len = max(new_len, 2 * capacity)
+        k = torch.empty(B, H, new_len, D, dtype=like.dtype, device=like.device)
+        v = torch.empty_like(k)
+        if self.k[layer_idx] is not None:
+            k[:, :, :self.pos] = self.k[layer_idx][:, :, :self.pos]
+            v[:, :, :self.pos] = self.v[layer_idx][:, :, :self.pos]
+        self.k[layer_idx], self.v[layer_idx] = k, v
+
+    def insert_kv(self, layer_idx, k, v):
+        """Appends this step's keys/values (B, H, T_new, D) for one layer; returns all of them so far.
+        The position advances after the last layer has written."""
+        t_new = k.size(2)
+        end = self.pos + t_new
+        self._grow(layer_idx, end, k)
+        self.k[layer_idx][:, :, self.pos:end] = k
+        self.v[layer_idx][:, :, self.pos:end] = v
+        keys, values = self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+        if layer_idx == self.num_layers - 1:
+            self.pos = end
+        return keys, values
+
+    def replicate(self, batch_size, seq_len=None):
+        """A new cache of `batch_size` rows, each holding a copy of this (batch 1) cache's prefix."""
+        B, H, T, D = self.shape
+        if B != 1:
+            raise ValueError("only a batch-1 cache (one prefilled prompt) can be replicated")
+        other = KVCache(batch_size, H, max(seq_len or T, self.pos), D, self.num_layers)
+        for i in range(self.num_layers):
+            if self.k[i] is None:
+                continue
+            other._grow(i, other.shape[2], self.k[i])
+            other.k[i][:, :, :self.pos] = self.k[i][:, :, :self.pos]
+            other.v[i][:, :, :self.pos] = self.v[i][:, :, :self.pos]
+        other.pos = self.pos
+        return other
+
+
+class SlotCache:
+    """
+    Keys and values for a fixed pool of `slots` sequences of up to max_len positions, allocated once
+    (never per request) with a per-slot length. In a decode step every slot feeds one token at its own
+    position: `positions` (slots,) and the `valid` key mask (slots, 1, 1, max_len) are what
+    GPT.forward and the attention read; the shapes never change, so the step can be compiled.
+    """
+
+    def __init__(self, slots, num_heads, max_len, head_dim, num_layers, device):
+        self.shape = (slots, num_heads, max_len, head_dim)
+        self.num_layers = num_layers
+        self.k, self.v = [None] * num_layers, [None] * num_layers  # allocated on the first load (dtype known then)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.rows = torch.arange(slots, device=device)
+        self.span = torch.arange(max_len, device=device)
+        self.begin_step()  # positions and valid exist from the start (a compiled step then traces once)
+
+    def load(self, slot, prefix, length):
+        """Copy a batch-1 KVCache's first `length` positions into `slot`."""
+        for i in range(self.num_layers):
+            if self.k[i] is None:
+                self.k[i] = torch.zeros(self.shape, dtype=prefix.k[i].dtype, device=prefix.k[i].device)
+                self.v[i] = torch.zeros_like(self.k[i])
+            self.k[i][slot, :, :length] = prefix.k[i][0, :, :length]
+            self.v[i][slot, :, :length] = prefix.v[i][0, :, :length]
+        self.lengths[slot] = length
+
+    def begin_step(self, n=None):
+        """A step over the first n slots (all by default): each writes its new token at its length
+        (clamped: a free slot's writes land in space no one reads)."""
+        self.n = n = n or self.shape[0]
+        self.positions = self.lengths[:n].clamp(max=self.shape[2] - 1)
+        self.valid = (self.span[None, :] <= self.positions[:, None]).view(n, 1, 1, self.shape[2])
+
+    def insert_kv(self, layer_idx, k, v):
+        """k, v (n, H, 1, D): written at each slot's position. Returns the n slots' keys and values."""
+        n = self.n
+        self.k[layer_idx][self.rows[:n], :, self.positions] = k[:, :, 0]
+        self.v[layer_idx][self.rows[:n], :, self.positions] = v[:, :, 0]
+        return self.k[layer_idx][:n], self.v[layer_idx][:n]
