@@ -9,28 +9,43 @@ the page), POST /v1/chat/completions (OpenAI format, stream or not), POST /v1/co
 completion with prompt log-probabilities: lm-evaluation-harness's local-completions), GET /v1/models.
 
 A pool of workers, one model replica each (one per GPU; one on CPU). A request waits for a free
-worker in a bounded queue; when the queue is full the answer is 503 at once, never a hang.
-Generation runs in a worker thread and streams tokens to the response; a client that disconnects
-stops its generation and frees its worker. Every request is validated with a specific 4xx message.
-top_p is nucleus sampling; `n` > 1 samples n rows from one prefill (non-streaming only); `stop`
-strings end a reply and are cut from it; a leading `system` message is folded into the first user
-turn (the model has no system role).
+worker in a bounded queue; when the queue is full, or no worker comes free in time, the answer is
+503 — always before a streaming response starts, never a hang. Generation runs in a worker thread
+and streams tokens to the response; a client that disconnects stops its generation and frees its
+worker. Every request is validated with a specific 4xx message, in tokens where the model counts in
+tokens: prompt + max_tokens must fit the model's context. top_p is nucleus sampling; `n` > 1
+samples n rows from one prefill (non-streaming only); `stop` strings end a reply and are cut from
+it; a leading `system` message is folded into the first user turn (the model has no system role).
+
+Hostile clients. Any web page can POST to 127.0.0.1, so: POST bodies must be application/json (a
+page can send text/plain without asking; JSON needs a CORS preflight, which we never grant), the
+Host header must be one of ours (DNS rebinding) and an Origin header, when sent, must be allowed
+(loopback with our port, plus --allow-origin). Bodies are counted while they are read: past
+--max-body-bytes the answer is 413, a body slower than --body-timeout gets 408, both before a worker
+is taken. uvicorn caps open connections (--limit-concurrency). An internal error is logged with its
+traceback and answered with a generic 500.
 """
 
 import argparse
 import asyncio
+import hmac
 import json
+import logging
 import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from nanochat.engine import Engine, Utf8Stream
 from nanochat.text_completion import complete
+
+log = logging.getLogger("nanochat.chat_web")
+INTERNAL_ERROR = "internal error while generating; the details are in the server log"
 
 
 @dataclass
@@ -43,8 +58,23 @@ class Limits:
     max_n: int = 8
     max_queue: int = 16
     queue_timeout: float = 60.0
-    max_prompts: int = 64  # /v1/completions: prompts per request
+    max_prompts: int = 64
     max_prompt_tokens: int = 8192
+    max_body_bytes: int = 1_000_000
+    body_timeout: float = 10.0
+
+
+LIMIT_HELP = {
+    "max_messages": "most messages in one conversation", "max_message_chars": "most characters in one message",
+    "max_total_chars": "most characters in a conversation or a /v1/completions prompt",
+    "max_tokens": "highest max_tokens a request may ask for (prompt + max_tokens must also fit the model's context)",
+    "max_top_k": "highest top_k", "max_n": "highest n (samples per request)",
+    "max_queue": "requests that may wait for a busy worker; more get 503 at once",
+    "queue_timeout": "seconds a request waits for a worker before 503",
+    "max_prompts": "/v1/completions: most prompts per request", "max_prompt_tokens": "/v1/completions: most tokens per prompt",
+    "max_body_bytes": "largest request body; a larger one gets 413 while it is read (chunked bodies too)",
+    "body_timeout": "seconds a client has to send its whole request body; a slower one gets 408",
+}
 
 
 class APIError(Exception):
@@ -53,8 +83,47 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.code = status, message, kind, code
 
 
+class Cancelled(Exception):
+    """The client went away: generation stops early."""
+
+
 def error_response(e):
-    return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.code}}, status_code=e.status)
+    # 408/413 leave part of the body unread: the connection cannot carry another request
+    headers = {"Connection": "close"} if e.status in (408, 413) else None
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.code}}, status_code=e.status,
+                        headers=headers)
+
+
+class OriginGuard:
+    """
+    ASGI wrapper: 403 unless the Host header names us (a DNS-rebinding page reaches 127.0.0.1 under its own
+    name) and an Origin header, when there is one, is allowed (a browser names the page that sends a request;
+    curl and API clients send none).
+    """
+
+    def __init__(self, app, origins):
+        self.app, self.origins, self.hosts = app, {o.lower().rstrip("/") for o in origins}, set()
+        for o in self.origins:
+            u = urlsplit(o)
+            default = {"http": 80, "https": 443}.get(u.scheme)
+            name = u.netloc.rsplit(":", 1)[0] if u.port else u.netloc
+            self.hosts |= {u.netloc, name, f"{name}:{default}"} if u.port in (None, default) else {u.netloc}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            host = headers.get(b"host", b"").decode("latin-1").lower()
+            origin = headers.get(b"origin", b"").decode("latin-1").lower().rstrip("/") or None
+            if host not in self.hosts:  # the messages echo attacker-chosen text: a bounded piece only
+                reason = f"Host {host[:100]!r} is not served here; to serve it, start the server with --allow-origin http://{host[:100]}"
+            elif origin is not None and origin not in self.origins:
+                reason = (f"requests from the web origin {origin[:100]!r} are not allowed; "
+                          f"start the server with --allow-origin {origin[:100]}")
+            else:
+                return await self.app(scope, receive, send)
+            refusal = error_response(APIError(403, reason, "permission_error", "origin_not_allowed"))
+            return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class Worker:
@@ -62,6 +131,21 @@ class Worker:
         self.index, self.engine, self.tokenizer = index, engine, tokenizer
         from contextlib import nullcontext
         self.autocast = autocast or nullcontext()
+
+
+class CancellableEngine:
+    """A worker's engine for text_completion.complete(): generation raises Cancelled once stop_event is set."""
+
+    def __init__(self, engine, stop_event):
+        self.engine, self.stop_event, self.model, self.stop_ids = engine, stop_event, engine.model, engine.stop_ids
+
+    def generate(self, *args, **kwargs):
+        for step in self.engine.generate(*args, **kwargs):
+            if self.stop_event.is_set():
+                raise Cancelled()
+            yield step
+
+    generate_batch = Engine.generate_batch  # the same bookkeeping, over our generate
 
 
 class WorkerPool:
@@ -99,16 +183,57 @@ class WorkerPool:
                 "queued": self.waiting, "max_queue": self.max_queue, "served": self.served}
 
 
+async def read_json(request, limits):
+    """The body as JSON, counted while it is read so that no more than max_body_bytes is ever buffered."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise APIError(415, f"send the body as JSON with 'Content-Type: application/json' (got {ctype[:50] or 'none'!r})")
+    too_big = APIError(413, f"the request body is over the limit of {limits.max_body_bytes} bytes", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise too_big
+    loop = asyncio.get_running_loop()
+    deadline, chunks, size = loop.time() + limits.body_timeout, [], 0
+    while True:
+        try:
+            message = await asyncio.wait_for(request.receive(), timeout=deadline - loop.time())
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {limits.body_timeout:g}s", code="body_timeout")
+        if message["type"] == "http.disconnect":
+            raise APIError(499, "client disconnected")
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limits.max_body_bytes:
+            raise too_big
+        if not message.get("more_body"):
+            break
+    try:
+        return json.loads(b"".join(chunks))
+    except RecursionError:
+        raise APIError(400, "malformed JSON: nested too deeply")
+    except ValueError as e:
+        raise APIError(400, f"malformed JSON: {e}")
+
+
 def body_number(body, name, default, lo, hi, kind=float):
     """body[name] as a number of `kind` within [lo, hi] (default when absent or null), else APIError(400)."""
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise APIError(400, f"'{name}' must be a{'n integer' if kind is int else ' number'}")
-    if not lo <= value <= hi:
-        raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {value}")
+    if not lo <= value <= hi:  # before float(): a 400-digit integer does not fit a float
+        raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {str(value)[:30]}")
+    if kind is int and not float(value).is_integer():
+        raise APIError(400, f"'{name}' must be an integer")
     return kind(value)
+
+
+def body_flag(body, name, default=False):
+    value = body.get(name, default)
+    if value is not None and not isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be true or false, got {json.dumps(value)[:30]}")
+    return default if value is None else value
 
 
 def body_stop(body):
@@ -120,8 +245,15 @@ def body_stop(body):
     return stop
 
 
-def validate(body, limits, openai):
-    """-> (messages, options) or raises APIError(400/422) with the specific reason."""
+def check_context(what, prompt_tokens, max_tokens, context):
+    if prompt_tokens + max_tokens > context:
+        raise APIError(400, f"{what} is {prompt_tokens} tokens and max_tokens is {max_tokens}: {prompt_tokens + max_tokens} "
+                            f"tokens, beyond the model's context of {context}; shorten the prompt or lower max_tokens",
+                       code="context_length_exceeded")
+
+
+def validate(body, limits, openai, tokenizer, context):
+    """-> (prompt token ids, options) or raises APIError(400) with the specific reason."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     messages = body.get("messages")
@@ -149,19 +281,26 @@ def validate(body, limits, openai):
         "temperature": body_number(body, "temperature", 0.6 if not openai else 1.0, 0.0, 2.0),
         "top_k": body_number(body, "top_k", 50, 0, limits.max_top_k, int),
         "top_p": body_number(body, "top_p", 1.0, 1e-6, 1.0),
-        "max_tokens": body_number(body, "max_tokens", 512, 1, limits.max_tokens, int),
+        "max_tokens": body_number(body, "max_tokens", None, 1, limits.max_tokens, int),
         "n": body_number(body, "n", 1, 1, limits.max_n, int),
         "seed": body_number(body, "seed", None, 0, 2**31 - 1, int),
+        "stop": body_stop(body),
+        "stream": body_flag(body, "stream") or not openai,  # the page's endpoint always streams
     }
-    options["stop"] = body_stop(body)
-    options["stream"] = bool(body.get("stream", False))
     if options["stream"] and options["n"] > 1:
         raise APIError(400, "streaming supports n = 1 only")
-    return messages, options
+    try:  # the role order, and the length in tokens, before any response starts
+        prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    except ValueError as e:
+        raise APIError(400, str(e))
+    if options["max_tokens"] is None:  # by default, what the context leaves (at most 512)
+        options["max_tokens"] = max(1, min(512, context - len(prompt)))
+    check_context("the conversation", len(prompt), options["max_tokens"], context)
+    return prompt, options
 
 
-def validate_completion(body, limits, vocab_size):
-    """/v1/completions -> (prompts, options): prompts as str or lists of token ids; APIError(400) otherwise."""
+def validate_completion(body, limits, tokenizer, context):
+    """/v1/completions -> (prompts as lists of token ids, options); APIError(400) otherwise."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     prompt = body.get("prompt")
@@ -174,38 +313,35 @@ def validate_completion(body, limits, vocab_size):
         raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists")
     if len(prompts) > limits.max_prompts:
         raise APIError(400, f"too many prompts: {len(prompts)} > {limits.max_prompts}")
+    vocab_size, ids = tokenizer.get_vocab_size(), []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             if not p or len(p) > limits.max_total_chars:
                 raise APIError(400, f"prompt {i} must have 1 to {limits.max_total_chars} characters")
-        else:
-            if len(p) > limits.max_prompt_tokens:
-                raise APIError(400, f"prompt {i} has {len(p)} tokens; the limit is {limits.max_prompt_tokens}")
-            bad = next((t for t in p if not 0 <= t < vocab_size), None)
-            if bad is not None:
-                raise APIError(400, f"prompt {i} has token id {bad}, outside the vocabulary [0, {vocab_size})")
+            p = tokenizer.encode(p)
+        if len(p) > limits.max_prompt_tokens:
+            raise APIError(400, f"prompt {i} has {len(p)} tokens; the limit is {limits.max_prompt_tokens}")
+        bad = next((t for t in p if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"prompt {i} has token id {str(bad)[:30]}, outside the vocabulary [0, {vocab_size})")
+        ids.append(list(p))
     options = {name: body_number(body, name, default, lo, hi, kind) for name, default, lo, hi, kind in (
         ("max_tokens", 16, 0, limits.max_tokens, int), ("temperature", 1.0, 0.0, 2.0, float),
         ("top_p", 1.0, 1e-6, 1.0, float), ("seed", None, 0, 2**31 - 1, int), ("logprobs", None, 0, 20, int),
         ("n", 1, 1, 1, int))}
-    echo = body.get("echo", False)
-    if not isinstance(echo, bool):
-        raise APIError(400, "'echo' must be true or false")
-    options["echo"] = echo
-    if body.get("stream"):
+    options["echo"] = body_flag(body, "echo")
+    if body_flag(body, "stream"):
         raise APIError(400, "streaming is not supported on /v1/completions; use /v1/chat/completions")
     options["stop"] = body_stop(body)
-    return prompts, options
+    bos = tokenizer.get_bos_token_id()
+    for i, p in enumerate(ids):  # complete() puts a <|bos|> before a prompt that lacks one
+        check_context(f"prompt {i}", len(p) + (p[0] != bos), options["max_tokens"], context)
+    return ids, options
 
 
-def generate_in_thread(worker, messages, options, emit, stop_event):
+def generate_in_thread(worker, prompt, options, emit, stop_event):
     """Runs in a worker thread: emit(kind, payload) for 'text', then once 'end' (finish_reason, counts)."""
     tok = worker.tokenizer
-    try:
-        prompt = tok.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
-    except ValueError as e:
-        emit("error", str(e))
-        return
     seed = options["seed"] if options["seed"] is not None else int.from_bytes(os.urandom(4), "little")
     n = options["n"]
     streams = [Utf8Stream(tok) for _ in range(n)]
@@ -247,32 +383,35 @@ def generate_in_thread(worker, messages, options, emit, stop_event):
                  "prompt_tokens": len(prompt), "completion_tokens": completion_tokens})
 
 
-def create_app(workers, limits=None, api_key=None, model_name="nanochat"):
+def create_app(workers, limits=None, api_key=None, model_name="nanochat", origins=None):
+    """origins: the web origins allowed to call us (Host and Origin checked, see OriginGuard); None checks neither
+    (tests, embedding) — the command line always passes loopback on its port + --allow-origin."""
     limits = limits or Limits()
     pool = WorkerPool(workers, limits.max_queue, limits.queue_timeout)
     app = FastAPI(title="nanochat")
+    if origins is not None:
+        app.add_middleware(OriginGuard, origins=origins)
     app.state.pool = pool
     ui_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
+    tokenizer, context = workers[0].tokenizer, workers[0].engine.model.config.sequence_len
+    expected_key = f"Bearer {api_key}".encode() if api_key is not None else None
 
     def check_key(request):
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {api_key}":
+        given = request.headers.get("authorization", "").encode("latin-1")  # starlette decoded it as latin-1
+        if expected_key is not None and not hmac.compare_digest(given, expected_key):  # constant time
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
                            "invalid_api_key")
 
     async def parse(request, openai):
         check_key(request)
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise APIError(400, f"malformed JSON: {e}")
-        return validate(body, limits, openai)
+        return validate(await read_json(request, limits), limits, openai, tokenizer, context)
 
-    async def run(request, messages, options):
-        """Yields ('text', (row, piece)) ... then ('end', info); frees the worker however it ends."""
+    async def start(request, job):
+        """
+        Takes a worker (503 when none comes free in time: before any response starts), runs job(worker, emit,
+        stop_event) in a thread, and returns its events: ('text', (row, piece)) ... then ('end', info) or
+        ('error', message). The thread frees the worker however it ends; a client that goes away stops it.
+        """
         worker = await pool.acquire()
         loop = asyncio.get_running_loop()
         queue = asyncio.Queue()
@@ -283,31 +422,49 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat"):
 
         def target():
             try:
-                generate_in_thread(worker, messages, options, emit, stop_event)
-            except Exception as e:  # never leave the client hanging
-                emit("error", f"{type(e).__name__}: {e}")
+                job(worker, emit, stop_event)
+            except Cancelled:
+                pass
+            except Exception:  # the traceback stays here; the client gets no internal text
+                log.exception("generation failed")
+                emit("error", INTERNAL_ERROR)
             finally:
                 loop.call_soon_threadsafe(pool.release, worker)
 
-        thread = threading.Thread(target=target, daemon=True)
-        thread.start()
-        try:
-            while True:
-                try:
-                    kind, payload = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
+        threading.Thread(target=target, daemon=True).start()
+
+        async def events():
+            try:
+                while True:
+                    try:
+                        kind, payload = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                    yield kind, payload
+                    if kind in ("end", "error"):
                         return
-                    continue
-                yield kind, payload
-                if kind in ("end", "error"):
-                    return
-        finally:
-            stop_event.set()  # a disconnect (or any exit) stops the generation; the thread frees the worker
+            finally:
+                stop_event.set()  # a disconnect (or any exit) stops the generation; the thread frees the worker
+        return events()
+
+    async def result(events):
+        """The 'end' payload of a non-streaming job."""
+        async for kind, payload in events:
+            if kind == "error":
+                raise APIError(500, payload, "server_error")
+            if kind == "end":
+                return payload
+        raise APIError(499, "client disconnected")
 
     @app.exception_handler(APIError)
     async def api_error(request, e):
         return error_response(e)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e):  # starlette logs the traceback too
+        return error_response(APIError(500, "internal server error; the details are in the server log", "server_error"))
 
     @app.get("/")
     async def index():
@@ -319,7 +476,8 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat"):
         return {"status": "ok", "workers": len(workers)}
 
     @app.get("/stats")
-    async def stats():
+    async def stats(request: Request):
+        check_key(request)
         return pool.stats()
 
     @app.get("/v1/models")
@@ -327,36 +485,37 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat"):
         check_key(request)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "nanochat"}]}
 
+    def chat_job(prompt, options):
+        return lambda worker, emit, stop_event: generate_in_thread(worker, prompt, options, emit, stop_event)
+
     @app.post("/chat/completions")
     async def chat(request: Request):
-        messages, options = await parse(request, openai=False)
-        options["stream"] = True
+        prompt, options = await parse(request, openai=False)
+        events = await start(request, chat_job(prompt, options))
 
-        async def events():
-            async for kind, payload in run(request, messages, options):
+        async def sse():
+            async for kind, payload in events:
                 if kind == "text":
                     yield f"data: {json.dumps({'token': payload[1]})}\n\n"
                 elif kind == "error":
                     yield f"data: {json.dumps({'error': payload})}\n\n"
                 else:
                     yield f"data: {json.dumps({'done': True, 'finish_reason': payload['finish'][0]})}\n\n"
-
-        pool_full_check(pool)
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(sse(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request):
-        messages, options = await parse(request, openai=True)
+        prompt, options = await parse(request, openai=True)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        pool_full_check(pool)
+        events = await start(request, chat_job(prompt, options))
         if options["stream"]:
-            async def events():
+            async def sse():
                 def chunk(delta, finish=None):
                     return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
                                                   "model": model_name, "choices": [{"index": 0, "delta": delta,
                                                                                     "finish_reason": finish}]}) + "\n\n"
                 yield chunk({"role": "assistant", "content": ""})
-                async for kind, payload in run(request, messages, options):
+                async for kind, payload in events:
                     if kind == "text":
                         yield chunk({"content": payload[1]})
                     elif kind == "error":
@@ -364,15 +523,8 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat"):
                     else:
                         yield chunk({}, payload["finish"][0])
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
-        info = None
-        async for kind, payload in run(request, messages, options):
-            if kind == "error":
-                raise APIError(400, payload)
-            if kind == "end":
-                info = payload
-        if info is None:
-            raise APIError(499, "client disconnected")
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        info = await result(events)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
                             for i, (text, finish) in enumerate(zip(info["texts"], info["finish"]))],
@@ -382,23 +534,18 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat"):
     @app.post("/v1/completions")
     async def text_completions(request: Request):
         check_key(request)
-        try:
-            body = json.loads(await request.body())
-        except ValueError as e:
-            raise APIError(400, f"malformed JSON: {e}")
-        prompts, options = validate_completion(body, limits, workers[0].tokenizer.get_vocab_size())
-        pool_full_check(pool)
-        worker = await pool.acquire()
-        try:
-            def work():
-                tok, seed = worker.tokenizer, options["seed"] if options["seed"] is not None else 0
-                return [complete(worker.engine, tok, tok.encode(p) if isinstance(p, str) else list(p),
-                                 options["max_tokens"], options["temperature"], options["top_p"], seed + i,
-                                 options["logprobs"], options["echo"], options["stop"], worker.autocast)
-                        for i, p in enumerate(prompts)]
-            choices = await asyncio.to_thread(work)
-        finally:
-            pool.release(worker)
+        prompts, options = validate_completion(await read_json(request, limits), limits, tokenizer, context)
+
+        def job(worker, emit, stop_event):
+            engine, tok = CancellableEngine(worker.engine, stop_event), worker.tokenizer
+            seed, choices = options["seed"] if options["seed"] is not None else 0, []
+            for i, p in enumerate(prompts):
+                if stop_event.is_set():
+                    raise Cancelled()
+                choices.append(complete(engine, tok, p, options["max_tokens"], options["temperature"], options["top_p"],
+                                        seed + i, options["logprobs"], options["echo"], options["stop"], worker.autocast))
+            emit("end", choices)
+        choices = await result(await start(request, job))
         prompt_tokens = sum(c.pop("prompt_tokens") for c in choices)
         completion_tokens = sum(c.pop("completion_tokens") for c in choices)
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
@@ -407,14 +554,6 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat"):
                           "total_tokens": prompt_tokens + completion_tokens}}
 
     return app
-
-
-def pool_full_check(pool):
-    """Refuse before the response starts (a streaming response can no longer change its status)."""
-    free = pool.free.qsize() if pool.free is not None else len(pool.workers)
-    if free == 0 and pool.waiting >= pool.max_queue:
-        raise APIError(503, f"server busy: all {len(pool.workers)} workers are generating and {pool.waiting} "
-                            f"requests are queued; retry shortly", "server_busy", "queue_full")
 
 
 def main(argv=None):
@@ -429,9 +568,18 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8000, help="port")
     p.add_argument("--num-workers", type=int, default=None, help="model replicas (default: one per GPU, one on CPU)")
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="also serve this web origin (scheme://host[:port]) as Host and Origin; repeatable. "
+                        "Always served: http://127.0.0.1, localhost and [::1] on --port")
+    p.add_argument("--limit-concurrency", type=int, default=64, help="most open connections; beyond, uvicorn answers 503")
+    p.add_argument("--timeout-keep-alive", type=int, default=5, help="seconds an idle keep-alive connection stays open")
     for field, default in vars(Limits()).items():
-        p.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default, help="request limit")
+        p.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default, help=LIMIT_HELP[field])
     args = p.parse_args(argv)
+    for origin in args.allow_origin:
+        u = urlsplit(origin)
+        if u.scheme not in ("http", "https") or not u.netloc or u.path not in ("", "/") or u.query:
+            p.error(f"--allow-origin {origin!r} is not an origin: write scheme://host[:port], e.g. https://chat.example.com")
     device_type = args.device_type or autodetect_device_type()
     n = args.num_workers or (torch.cuda.device_count() if device_type == "cuda" else 1)
     if n < 1:
@@ -445,10 +593,13 @@ def main(argv=None):
             raise SystemExit(f"error: {e}")
         workers.append(Worker(i, Engine(model, tokenizer), tokenizer, autocast_ctx(device_type, parse_dtype(args.dtype, device_type))))
     limits = Limits(**{f: getattr(args, f) for f in vars(Limits())})
-    app = create_app(workers, limits, api_key=args.api_key, model_name=f"nanochat-{args.source}-step{meta['step']}")
-    print(f"nanochat chat server: http://{args.host}:{args.port}/  ({n} worker(s), {args.source} model step {meta['step']})",
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    origins = [f"http://{name}:{args.port}" for name in ("127.0.0.1", "localhost", "[::1]")] + args.allow_origin
+    app = create_app(workers, limits, api_key=args.api_key, model_name=f"nanochat-{args.source}-step{meta['step']}",
+                     origins=origins)
+    print(f"nanochat chat server: http://{args.host}:{args.port}/  ({n} worker(s), {args.source} model step {meta['step']}; "
+          f"serving {', '.join(origins)})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", limit_concurrency=args.limit_concurrency,
+                timeout_keep_alive=args.timeout_keep_alive)
 
 
 if __name__ == "__main__":

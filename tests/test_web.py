@@ -47,10 +47,12 @@ class SlowScripted(ScriptedModel):
         return super().forward(idx, kv_cache)
 
 
-def scripted_worker(tokenizer, text, delay=0.0, repeat=1):
+def scripted_worker(tokenizer, text, delay=0.0, repeat=1, context=4096):
+    """A stub replying `text` (one byte token a step); it claims a `context` the server's token limits check against."""
     ranks = tokenizer.get_mergeable_ranks()
     script = [ranks[bytes([b])] for b in text.encode("utf-8")] * repeat + [tokenizer.encode_special("<|assistant_end|>")]
     model = SlowScripted(tokenizer.get_vocab_size(), script, script[-1:], output_end=-1, delay=delay)
+    model.config.sequence_len = context
     return Worker(0, Engine(model, tokenizer, calculator=lambda e: "0"), tokenizer)
 
 
