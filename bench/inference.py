@@ -4,7 +4,9 @@ Decoding speed on this machine, depth-4 model, CPU:
   prompt + output lengths 128 and 1024 (half prompt, half output);
 - 1 row vs 8 rows from one prefill (tokens/s per row and in total);
 - memory bandwidth achieved by batch-1 decode (weights + KV cache read per token) against a copy
-  bandwidth measured in the same run (MBU).
+  bandwidth measured in the same run (MBU);
+- the static-cache decode step of continuous batching (BatchScheduler), eager and compiled, with 1
+  and 8 concurrent requests, against the Engine's eager batch-1 decode.
 The last line printed is one JSON object with every figure.
 
     python -m bench.inference
@@ -12,17 +14,15 @@ The last line printed is one JSON object with every figure.
 
 import argparse
 import json
-import os
 import time
 
 import torch
 
-from nanochat.engine import Engine
+from bench import data_dir, read_text
+from nanochat.engine import BatchScheduler, Engine
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import RustBPETokenizer
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "pretrain", "tinyshakespeare", "input.txt")
 
 
 def copy_bandwidth(mb=512, reps=5):
@@ -45,8 +45,7 @@ def main():
     p.add_argument("--rows", type=int, default=8)
     args = p.parse_args()
     torch.manual_seed(0)
-    with open(TEXT, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(data_dir(small_ok=True), "pretrain", "tinyshakespeare", "input.txt")
     tokenizer = RustBPETokenizer.train_from_iterator(iter([text[i:i + 2000] for i in range(0, len(text), 2000)]), args.vocab)
     config = config_for_depth(args.depth, tokenizer.get_vocab_size(), max(args.lengths), head_dim=64)
     model = GPT(config)
@@ -97,7 +96,43 @@ def main():
         print(f"| {length} | {row['cached_tok_s']:.0f} | {row['recompute_tok_s']:.0f} | {row['speedup']:.1f}x | "
               f"{row['cached_tok_s']:.0f} | {row['batched_tok_s_per_row']:.0f} | {row['batched_tok_s_total']:.0f} | "
               f"{row['batched_time_ratio']:.2f}x | {100 * mbu:.0f}% |", flush=True)
+    results["scheduler"] = scheduler_table(engine, tokenizer, text, args, results)
     print(json.dumps(results))
+
+
+def scheduler_table(engine, tokenizer, text, args, results):
+    """Requests of 1 row through BatchScheduler: 1 alone, then `rows` at once; eager and compiled step."""
+    prompt = tokenizer.encode(text[:4000], prepend="<|bos|>")[:64]
+    n_out = 192
+    out = {}
+    print()
+    print(f"static-cache decode (BatchScheduler, {args.rows} slots, {n_out} tokens per request after a {len(prompt)}-token prompt)")
+    print("| step | requests | ms/step | tok/s total | vs Engine eager 1 row | step time vs 1 request |")
+    print("|---|---:|---:|---:|---:|---:|")
+    t0 = time.perf_counter()
+    engine.generate_batch(prompt, max_tokens=n_out, temperature=0)
+    engine_step = (time.perf_counter() - t0) / n_out
+    print(f"| Engine (eager, growing cache) | 1 | {engine_step * 1e3:.2f} | {1 / engine_step:.0f} | 1.00x | - |")
+    for mode in ("off", "on"):
+        scheduler = BatchScheduler(engine, slots=args.rows, max_len=len(prompt) + n_out + 8, compile=mode)
+        list(scheduler.submit(prompt, max_tokens=8, temperature=0))  # warm up (and compile)
+        if args.rows > 1:  # compile/warm the full-width step too
+            for r in [scheduler.submit(prompt, max_tokens=4, temperature=0) for _ in range(args.rows)]:
+                list(r)
+        one = None
+        for k in (1, args.rows):
+            t0 = time.perf_counter()
+            reqs = [scheduler.submit(prompt, max_tokens=n_out, temperature=0) for _ in range(k)]
+            for r in reqs:
+                assert sum(1 for _ in r) == n_out, "a request stopped early"
+            step = (time.perf_counter() - t0) / n_out
+            one = one or step
+            name = "compiled" if mode == "on" else "eager"
+            out[f"{name}_{k}"] = {"ms_per_step": step * 1e3, "tok_s": k / step, "step_speed_vs_engine": engine_step / step,
+                                  "step_vs_one": step / one}
+            print(f"| scheduler {name} | {k} | {step * 1e3:.2f} | {k / step:.0f} | {engine_step / step:.2f}x "
+                  f"(per row: {engine_step * k / step:.2f}x) | {step / one:.2f}x |", flush=True)
+    return out
 
 
 if __name__ == "__main__":

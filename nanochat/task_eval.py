@@ -6,29 +6,13 @@ Categorical tasks (ARC, MMLU) are scored from the logits of the allowed answer l
 position after <|assistant_start|>, many prompts per forward pass. Generative tasks (GSM8K,
 HumanEval, SpellingBee) sample k completions with the engine, tool use on, and check each one.
 Each rank takes every world_size-th problem; counts are summed over ranks, so 2 ranks == 1 rank.
+The tasks themselves (and chat_eval's names for them) are tasks/; this module only takes a task object.
 """
 
 import torch
 import torch.distributed as dist
 
 from nanochat.common import print0
-
-
-def task_registry():
-    """name -> (constructor, chance level of its accuracy)."""
-    from tasks.arc import ARC
-    from tasks.gsm8k import GSM8K
-    from tasks.humaneval import HumanEval
-    from tasks.mmlu import MMLU
-    from tasks.spellingbee import SpellingBee
-    return {
-        "ARC-Easy": (lambda: ARC(subset="ARC-Easy", split="test"), 0.25),
-        "ARC-Challenge": (lambda: ARC(subset="ARC-Challenge", split="test"), 0.25),
-        "MMLU": (lambda: MMLU(subset="all", split="test"), 0.25),
-        "GSM8K": (lambda: GSM8K(subset="main", split="test"), 0.0),
-        "HumanEval": (lambda: HumanEval(), 0.0),
-        "SpellingBee": (lambda: SpellingBee(size=256, split="test"), 0.0),
-    }
 
 
 def my_indices(n, rank, world_size, max_problems):

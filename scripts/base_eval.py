@@ -14,7 +14,10 @@ import time
 from nanochat.checkpoint import add_checkpoint_args, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype, print0
 from nanochat.core_eval import evaluate_core
+from nanochat.dataloader import DataLoader
+from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
 
 
 def main(argv=None):
@@ -39,9 +42,6 @@ def main(argv=None):
                 "CORE": out["core"], "CORE tasks": f"{out['present']}/{out['total']}"},
                {label: r["centered"] for label, r in out["tasks"].items()}]
     if args.bpb_tokens > 0:
-        from nanochat.dataloader import DataLoader
-        from nanochat.loss_eval import evaluate_bpb
-        from nanochat.tokenizer import get_token_bytes
         T = model.config.sequence_len
         steps = max(1, args.bpb_tokens // (args.batch_size * T * world_size))
         try:

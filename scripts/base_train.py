@@ -18,24 +18,37 @@ optimizer shards, every reader's position, step, schedule, loop statistics).
 """
 
 import argparse
-import math
 import os
-import signal
+import resource
 import time
+from dataclasses import dataclass
 
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import (GPU_BF16_PEAK, DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir,
-                             gpu_peak_flops, measure_matmul_peak, parse_dtype, print0)
+from nanochat.common import (GPU_BF16_PEAK, compute_cleanup, get_base_dir, gpu_peak_flops, measure_matmul_peak,
+                             print0)
 from nanochat.dataloader import DataLoader
+from nanochat.dataset import REMOTE_SHARD_CHARS, list_shards, shard_chars, shards_needed
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.report import get_report
+from nanochat.stage import (LoopState, StageLog, StopRequest, add_loop_args, add_lr_args, due, init_stage,
+                            resume_run, save_stage)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import MetricsLog, apply_schedule, train_step
+from nanochat.training import apply_schedule, train_step
+
+@dataclass
+class BaseState(LoopState):
+    val_bpb: float | None = None  # the last evaluation's
+    min_val_bpb: float | None = None
+
+
+# a --resume must keep these flags: they decide which data each step sees
+RESUME_FLAGS = ("total_batch_size", "max_seq_len", "device_batch_size")
+
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                   "The opposite of hot is", "The planets of the solar system are:"]
@@ -44,7 +57,6 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Pretrain the base GPT on the shards.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default=None, help="wandb run name (no wandb when unset)")
     p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, and on CPUs whose bf16 matmuls measure faster), float32 or bfloat16")
     # model
@@ -59,9 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per device")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all ranks")
     # optimization
-    p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the embedding (scaled by width)")
-    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head (scaled by width)")
-    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+    add_lr_args(p)
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--warmup-ratio", type=float, default=0.0, help="share of steps of linear LR warmup")
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="share of steps of linear LR warmdown")
@@ -70,13 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end; -1: end only)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation")
     p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1: end only)")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (-1: end only)")
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this tag")
-    p.add_argument("--stop-after-step", type=int, default=-1, help="save and exit at this step (schedule unchanged)")
     p.add_argument("--log-every", type=int, default=1, help="print/log metrics every N steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--seed", type=int, default=42, help="model init seed")
+    add_loop_args(p, "base", save_every=1000, seed=42, seed_help="model init seed")
     # planning
     p.add_argument("--dry-run", action="store_true", help="print sizes, budget, memory and time estimates, then exit")
     p.add_argument("--assume-device", default=None, help="for --dry-run: h100, a100, ... or cpu (default: this machine)")
@@ -117,9 +124,6 @@ def estimate_memory(model, args, world_size, dtype):
 def plan_shards(total_tokens, tokenizer):
     """'train shards needed: N (...)': from the token budget, the text per shard and characters per token,
     each measured on the first local train shard when there is one (and a tokenizer), else the remote's."""
-    import pyarrow.parquet as pq
-
-    from nanochat.dataset import REMOTE_SHARD_CHARS, list_shards, shard_chars, shards_needed
     try:
         first = list_shards("train")[0]
     except FileNotFoundError:
@@ -138,14 +142,10 @@ def plan_shards(total_tokens, tokenizer):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    ddp, rank, world_size, device, dtype, autocast = init_stage(args)
     master = rank == 0
     device_type = device.type
-    dtype = parse_dtype(args.dtype, device_type)
-    autocast = autocast_ctx(device_type, dtype)
-    model_tag = args.model_tag or f"d{args.depth}"
-    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
-    print0(f"flags: {vars(args)}")
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
 
     tokenizer = None
     try:
@@ -225,25 +225,13 @@ def main(argv=None):
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                                         ns_dtype=dtype)  # bf16 runs orthogonalise in bf16 too
-    loop = {"step": 0, "smooth_loss": 0.0, "train_time": 0.0, "val_bpb": None, "min_val_bpb": None}
-    reader_states = [None] * grad_accum
+    state, reader_states = BaseState(), [None] * grad_accum
     if args.resume:
-        step = find_last_step(checkpoint_dir)
-        model_state, optim_states, dl_state, meta = load_checkpoint(checkpoint_dir, step, device,
-                                                                    load_optimizer=True, rank=rank)
-        if meta["model_config"] != vars(config):
-            raise SystemExit(f"error: checkpoint {checkpoint_dir} step {step} has config {meta['model_config']}, "
-                             f"these flags make {vars(config)}")
-        model.load_state_dict(model_state, strict=True)
-        for opt, state in zip(optimizers, optim_states):
-            opt.load_state_dict(state)
+        state, dl_state = resume_run(BaseState, checkpoint_dir, model, optimizers, args, RESUME_FLAGS, device, rank)
         if dl_state is None or len(dl_state["readers"]) != grad_accum:
             raise SystemExit("error: the checkpoint's data position does not match this run's gradient "
                              "accumulation; resume with the same batch flags")
         reader_states = dl_state["readers"]
-        loop = meta["loop"]
-        print0(f"resumed from {checkpoint_dir} step {step}")
-        del model_state, optim_states
     elif ddp:
         for p in model.parameters():  # identical initial weights on every rank, whatever the RNG did
             dist.broadcast(p.data, src=0)
@@ -256,27 +244,7 @@ def main(argv=None):
     orig_model = model  # eval and sampling use the uncompiled module (new shapes would recompile)
     if args.compile:
         model = torch.compile(model, dynamic=False)
-
-    wandb_run = DummyWandb()
-    if args.run and master:
-        import wandb
-        wandb_run = wandb.init(project="nanochat", name=args.run, config=vars(args))
-
-    stop_requested = {"signal": None}
-
-    def request_stop(signum, frame):
-        stop_requested["signal"] = signum
-        print0(f"received signal {signum}: will save a checkpoint after this step and exit")
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
-    def save(step):
-        meta = {"model_config": vars(config), "flags": vars(args), "loop": dict(loop, step=step),
-                "val_bpb": loop["val_bpb"], "num_iterations": num_iterations}
-        save_checkpoint(checkpoint_dir, step, orig_model, optimizers, meta,
-                        dataloader_state={"readers": [r.state for r in readers]}, rank=rank)
-        print0(f"saved checkpoint {checkpoint_dir} step {step}")
+    log = StageLog(checkpoint_dir, args, "nanochat", master)
 
     def evaluate(step):
         eval_steps = max(1, args.eval_tokens // world_tokens_per_micro)
@@ -285,11 +253,9 @@ def main(argv=None):
         orig_model.eval()
         bpb = evaluate_bpb(orig_model, iter(val_loader), eval_steps, token_bytes, autocast=autocast)
         orig_model.train()
-        loop["val_bpb"] = bpb
-        loop["min_val_bpb"] = bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], bpb)
-        print0(f"step {step:05d} | val bpb {bpb:.4f}")
-        wandb_run.log({"step": step, "val/bpb": bpb})
-        append_metrics({"step": step, "val_bpb": bpb})
+        state.val_bpb = bpb
+        state.min_val_bpb = bpb if state.min_val_bpb is None else min(state.min_val_bpb, bpb)
+        log.eval(step, f"val bpb {bpb:.4f}", {"val_bpb": bpb}, {"val/bpb": bpb})
 
     def sample():
         orig_model.eval()
@@ -300,28 +266,18 @@ def main(argv=None):
             print0(f"sample: {prompt!r} -> {tokenizer.decode(out)!r}")
         orig_model.train()
 
-    append_metrics = MetricsLog(checkpoint_dir, master).append
-
-    def due(every, step):
-        return every > 0 and step % every == 0
-
     # ---------------------------------------------------------------------------------------------
     # the loop: step s trains on the s-th batch; a checkpoint at step s holds the state before it
-    step = loop["step"]
-    start_step = step
     position_weights = torch.arange(1, args.max_seq_len + 1, device=device)
-    t_start = time.time()
+    stop = StopRequest(device)
     while True:
-        last = step == num_iterations
-        stopping = step == args.stop_after_step or stop_requested["signal"] is not None
-        if ddp:  # every rank must agree to stop (a signal may reach them at different steps)
-            flag = torch.tensor(int(stopping), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopping = bool(flag.item())
-        if step != start_step and (last or stopping or due(args.save_every, step)):
-            save(step)  # before any eval, so a crash during the eval loses nothing
+        step = state.step
+        last, stopping = step == num_iterations, stop.requested(step, args.stop_after_step)
+        if state.save_due(last, stopping, args.save_every):  # before any eval, so a crash during it loses nothing
+            save_stage(checkpoint_dir, state, orig_model, optimizers, args,
+                       {"val_bpb": state.val_bpb, "num_iterations": num_iterations},
+                       dataloader_state={"readers": [r.state for r in readers]})
         if stopping and not last:
-            print0(f"stopped at step {step} (resume with --resume)")
             break
         if last or due(args.eval_every, step):
             evaluate(step)
@@ -332,60 +288,41 @@ def main(argv=None):
 
         # one optimizer step over grad_accum micro-batches
         t0 = time.time()
-        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        apply_schedule(optimizers, lrm, muon_momentum(step))
+        lrm = apply_schedule(optimizers, lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio,
+                                                       args.final_lr_frac), muon_momentum(step))
         micro_batches = [next(reader_iters[k])[:2] for k in range(grad_accum)]
         checksum = sum((x * position_weights).sum() for x, _ in micro_batches)  # which tokens this step saw
         if ddp:
             dist.all_reduce(checksum, op=dist.ReduceOp.SUM)
         # the loss is the mean over every token of the step, all ranks (logged after the step, a sync point)
         loss_value, _ = train_step(model, optimizers, micro_batches, autocast, world_size)
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"error: loss is {loss_value} at step {step}; lower the LRs or check the data")
         dt = time.time() - t0
-        step += 1
-        loop["step"] = step
-        if step - start_step > 1:  # the first step (compilation, warmup) does not count toward the time
-            loop["train_time"] += dt
-        beta = 0.9
-        loop["smooth_loss"] = beta * loop["smooth_loss"] + (1 - beta) * loss_value
-        smooth = loop["smooth_loss"] / (1 - beta ** step)
-        if step % args.log_every == 0 or step == num_iterations:
+        smooth = state.end_step(loss_value, dt)
+        if state.step % args.log_every == 0 or state.step == num_iterations:
             tokens_per_s = args.total_batch_size / dt  # the whole step: all ranks, all micro-batches
             mfu = flops_per_token * tokens_per_s / (peak_flops * world_size)
-            timed = max(step - start_step - 1, 1)
-            eta = (loop["train_time"] / timed) * (num_iterations - step) if step - start_step > 1 else float("nan")
             cropped = sum(r.cropped_fraction() for r in readers) / len(readers)
-            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {smooth:.4f} | "
-                   f"lrm {lrm:.3f} | dt {dt * 1000:.0f} ms | tok/s {tokens_per_s:,.0f} | MFU {100 * mfu:.1f}% | "
-                   f"elapsed {loop['train_time'] / 60:.1f} m | ETA {eta / 60:.1f} m")
-            record = {"step": step, "loss": loss_value, "smooth_loss": smooth, "lrm": lrm, "dt": dt,
-                      "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": loop["train_time"],
-                      "eta_s": eta, "cropped_fraction": cropped, "data_checksum": checksum.item()}
-            append_metrics(record)
-            wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/tok_per_sec": tokens_per_s,
-                           "train/mfu": mfu})
+            log.step(state, num_iterations, f"loss {smooth:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f} ms | "
+                     f"tok/s {tokens_per_s:,.0f} | MFU {100 * mfu:.1f}%",
+                     {"loss": loss_value, "smooth_loss": smooth, "lrm": lrm, "dt": dt, "tokens_per_s": tokens_per_s,
+                      "mfu": mfu, "cropped_fraction": cropped, "data_checksum": checksum.item()},
+                     {"train/loss": smooth, "train/lrm": lrm, "train/tok_per_sec": tokens_per_s, "train/mfu": mfu})
 
-    if step == num_iterations and master:
+    if state.step == num_iterations and master:
         get_report().log("Base model training", [vars(args), {
             "parameters": n_params, "FLOPs per token": f"{flops_per_token:.3e}", "steps": num_iterations,
             "tokens": total_tokens, "tokens per parameter": total_tokens / n_params,
             "dtype": str(dtype).removeprefix("torch."), "world size": world_size,
-            "final val bpb": loop["val_bpb"], "min val bpb": loop["min_val_bpb"],
-            "training time (min)": loop["train_time"] / 60,
+            "final val bpb": state.val_bpb, "min val bpb": state.min_val_bpb,
+            "training time (min)": state.train_time / 60,
             "peak memory (MiB)": peak_memory_mib(device),
         }])
-    wandb_run.finish()
-    compute_cleanup()
-    if stop_requested["signal"] is not None and step != num_iterations:
-        # saved and stopped early: exit like a killed process, so pipelines do not mark the stage done
-        raise SystemExit(128 + stop_requested["signal"])
+    stop.finish(state, num_iterations, log)
 
 
 def peak_memory_mib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

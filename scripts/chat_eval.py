@@ -22,7 +22,8 @@ from nanochat.common import autocast_ctx, compute_cleanup, compute_init, parse_d
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.sandbox import SandboxUnavailable
-from nanochat.task_eval import evaluate_task, task_registry
+from nanochat.task_eval import evaluate_task
+from tasks.catalog import task_registry
 
 DEFAULT_TASKS = "ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval"
 

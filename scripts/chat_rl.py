@@ -11,24 +11,39 @@ engine samples --num-samples completions with the calculator tool on; reward 1 f
 sampled tokens only and is normalised by their number over the whole step (see nanochat/rl.py for
 the parts of GRPO left out, and why). The LR decays linearly to 0. Every --eval-every steps: pass@1
 and pass@k on GSM8K test (k = --eval-samples at temperature --temperature).
+Like every trainer, it saves and exits 143 on SIGTERM and resumes exactly (nanochat/stage.py).
 """
 
 import argparse
-import math
 import random
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import add_checkpoint_args, save_checkpoint
-from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, parse_dtype, print0
+from nanochat.checkpoint import add_checkpoint_args
+from nanochat.common import print0
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.rl import group_advantages, pg_micro_batches, rollout
+from nanochat.stage import (LoopState, StageLog, StopRequest, add_stage_args, due, init_stage, load_stage_model,
+                            parse_stage_args, resume_run, save_stage, stage_optimizers)
 from nanochat.task_eval import evaluate_task
-from nanochat.training import (MetricsLog, add_stage_args, apply_schedule, eta_seconds, load_stage_model,
-                               parse_stage_args, resume_run, stage_optimizers, train_step)
+from nanochat.training import apply_schedule, train_step
+from tasks.gsm8k import GSM8K
+
+
+@dataclass
+class RLState(LoopState):
+    gen_time: float = 0.0  # of train_time, the seconds spent sampling
+    first_reward: float | None = None  # mean reward of the run's first step
+    mean_reward: float | None = None  # ... and of the last one
+    eval: dict = field(default_factory=dict)  # the last pass@k on GSM8K test
+
+
+# a --resume must keep these flags: they decide which data each step sees
+RESUME_FLAGS = ("prompts_per_step", "num_samples", "seed", "num_iterations", "num_epochs")
 
 
 def main(argv=None):
@@ -51,17 +66,14 @@ def main(argv=None):
     if args.num_samples < 2:
         p.error("--num-samples must be >= 2: a group of one has no relative advantage")
 
-    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    ddp, rank, world_size, device, dtype, autocast = init_stage(args)
     master = rank == 0
     if args.prompts_per_step % world_size:
         raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} is not a multiple of the world size "
                          f"{world_size}")
-    dtype = parse_dtype(args.dtype, device.type)
-    autocast = autocast_ctx(device.type, dtype)
     model, tokenizer, meta, checkpoint_dir = load_stage_model(args, "rl", device)
-    print0(f"flags: {vars(args)}")
+    engine, pad_id = Engine(model, tokenizer), tokenizer.get_bos_token_id()
 
-    from tasks.gsm8k import GSM8K
     train_task, test_task = GSM8K("main", "train"), GSM8K("main", "test")
     order = list(range(len(train_task)))
     random.Random(args.seed).shuffle(order)
@@ -72,18 +84,10 @@ def main(argv=None):
            f"{args.num_samples} samples ({num_iterations / max(one_epoch, 1):.2f} epochs)")
 
     optimizers = stage_optimizers(model, args, dtype)
-    loop = {"step": 0, "train_time": 0.0, "gen_time": 0.0, "first_reward": None, "mean_reward": None, "eval": {}}
+    state = RLState()
     if args.resume:
-        same_flags = ("prompts_per_step", "num_samples", "seed", "num_iterations", "num_epochs")
-        loop = resume_run(checkpoint_dir, model, optimizers, args, same_flags, device, rank)
-        print0(f"resumed from {checkpoint_dir} step {loop['step']}")
-    engine = Engine(model, tokenizer)
-    append_metrics = MetricsLog(checkpoint_dir, master).append
-    wandb_run = DummyWandb()
-    if args.run and master:
-        import wandb
-        wandb_run = wandb.init(project="nanochat-rl", name=args.run, config=vars(args))
-    pad_id = tokenizer.get_bos_token_id()
+        state, _ = resume_run(RLState, checkpoint_dir, model, optimizers, args, RESUME_FLAGS, device, rank)
+    log = StageLog(checkpoint_dir, args, "nanochat-rl", master)
 
     def evaluate(step):
         model.eval()
@@ -91,29 +95,18 @@ def main(argv=None):
                                num_samples=args.eval_samples, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, progress_every=0)
         model.train()
-        loop["eval"] = {k: v for k, v in result.items() if k.startswith("pass@") or k == "well-formed"}
-        print0(f"step {step:05d} | GSM8K test ({args.eval_problems} problems) | " +
-               " | ".join(f"{k} {100 * v:.1f}%" for k, v in loop["eval"].items()))
-        append_metrics({"step": step, **loop["eval"]})
-        wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in loop["eval"].items()}})
+        state.eval = {k: v for k, v in result.items() if k.startswith("pass@") or k == "well-formed"}
+        log.eval(step, f"GSM8K test ({args.eval_problems} problems) | " +
+                 " | ".join(f"{k} {100 * v:.1f}%" for k, v in state.eval.items()), state.eval,
+                 {f"eval/{k}": v for k, v in state.eval.items()})
 
-    def save(step):
-        save_checkpoint(checkpoint_dir, step, model, optimizers,
-                        {"model_config": vars(model.config), "flags": vars(args), "loop": dict(loop, step=step),
-                         "source": args.source, "source_step": meta["step"]})
-        print0(f"saved checkpoint {checkpoint_dir} step {step}")
-
-    def due(every, step):
-        return every > 0 and step % every == 0
-
-    step = start_step = loop["step"]
+    stop = StopRequest(device)
     while True:
-        last = step == num_iterations
-        stopping = step == args.stop_after_step
-        if step != start_step and (last or stopping or due(args.save_every, step)):
-            save(step)
+        step = state.step
+        last, stopping = step == num_iterations, stop.requested(step, args.stop_after_step)
+        if state.save_due(last, stopping, args.save_every):
+            save_stage(checkpoint_dir, state, model, optimizers, args, {"source": args.source, "source_step": meta["step"]})
         if stopping and not last:
-            print0(f"stopped at step {step} (resume with --resume)")
             break
         if args.eval_problems > 0 and (last or due(args.eval_every, step)):
             evaluate(step)
@@ -140,42 +133,34 @@ def main(argv=None):
         model.train()
         t1 = time.time()
         # the policy-gradient step over the rows that carry signal
-        lrm = 1.0 - step / num_iterations
-        apply_schedule(optimizers, lrm)
+        lrm = apply_schedule(optimizers, 1.0 - step / num_iterations)
         micro_batches = pg_micro_batches(sequences, masks, advantages, pad_id, args.device_batch_size, device)
         loss_value, tokens = train_step(model, optimizers, micro_batches, autocast, world_size)
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"error: loss is {loss_value} at step {step}; lower the LRs")
         if ddp:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         t2 = time.time()
         reward_sum, samples, sampled_tokens = stats.tolist()
-        mean_reward = reward_sum / samples
-        step += 1
-        loop["step"] = step
-        loop["gen_time"] += t1 - t0
-        loop["train_time"] += t2 - t0
-        loop["mean_reward"] = mean_reward
-        if loop["first_reward"] is None:
-            loop["first_reward"] = mean_reward
-        eta = eta_seconds(loop["train_time"], step - start_step, num_iterations - step)
-        print0(f"step {step:05d}/{num_iterations:05d} | mean reward {mean_reward:.3f} | loss {loss_value:+.4f} | "
-               f"trained tokens {tokens:,} of {int(sampled_tokens):,} sampled | lrm {lrm:.3f} | "
-               f"generation {100 * (t1 - t0) / (t2 - t0):.0f}% of {t2 - t0:.1f}s | "
-               f"completions/s {samples / (t1 - t0):.1f} | ETA {eta / 60:.1f} m")
-        append_metrics({"step": step, "mean_reward": mean_reward, "loss": loss_value, "trained_tokens": tokens,
-                        "sampled_tokens": sampled_tokens, "lrm": lrm, "gen_s": t1 - t0, "train_s": t2 - t1})
-        wandb_run.log({"step": step, "train/reward": mean_reward, "train/loss": loss_value, "train/lrm": lrm})
+        state.end_step(loss_value, t2 - t0)
+        if state.timed:
+            state.gen_time += t1 - t0
+        state.mean_reward = reward_sum / samples
+        if state.first_reward is None:
+            state.first_reward = state.mean_reward
+        log.step(state, num_iterations, f"mean reward {state.mean_reward:.3f} | loss {loss_value:+.4f} | "
+                 f"trained tokens {tokens:,} of {int(sampled_tokens):,} sampled | lrm {lrm:.3f} | "
+                 f"generation {100 * (t1 - t0) / (t2 - t0):.0f}% of {t2 - t0:.1f}s | completions/s {samples / (t1 - t0):.1f}",
+                 {"mean_reward": state.mean_reward, "loss": loss_value, "trained_tokens": tokens,
+                  "sampled_tokens": sampled_tokens, "lrm": lrm, "gen_s": t1 - t0, "train_s": t2 - t1},
+                 {"train/reward": state.mean_reward, "train/loss": loss_value, "train/lrm": lrm})
 
-    if step == num_iterations and master:
+    if state.step == num_iterations and master:
         get_report().log("Chat RL", [vars(args), {
-            "source step": meta["step"], "steps": num_iterations, "first step mean reward": loop["first_reward"],
-            "last step mean reward": loop["mean_reward"],
-            **{f"GSM8K {k} ({args.eval_problems} problems)": v for k, v in loop["eval"].items()},
-            "share of time generating": loop["gen_time"] / max(loop["train_time"], 1e-9),
-            "training time (min)": loop["train_time"] / 60}])
-    wandb_run.finish()
-    compute_cleanup()
+            "source step": meta["step"], "steps": num_iterations, "first step mean reward": state.first_reward,
+            "last step mean reward": state.mean_reward,
+            **{f"GSM8K {k} ({args.eval_problems} problems)": v for k, v in state.eval.items()},
+            "share of time generating": state.gen_time / max(state.train_time, 1e-9),
+            "training time (min)": state.train_time / 60}])
+    stop.finish(state, num_iterations, log)
 
 
 if __name__ == "__main__":

@@ -13,36 +13,47 @@ weighs by its tokens, not by its row. The mixture is shuffled once (seeded); ste
 conversations [s * examples_per_step, (s + 1) * examples_per_step), so a resume needs only the step.
 The LR decays linearly to 0 over the run. Every --eval-every steps: the masked val loss; every
 --eval-metrics-every steps: a quick ARC-Easy / MMLU accuracy and GSM8K accuracy + answer format share.
+Checkpoints, exact --resume and the save-then-exit on SIGTERM / Ctrl-C are nanochat/stage.py's.
 """
 
 import argparse
-import math
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import add_checkpoint_args, save_checkpoint
-from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, parse_dtype, print0
+from nanochat.checkpoint import add_checkpoint_args
+from nanochat.common import print0
 from nanochat.dataloader import sft_batch
 from nanochat.engine import Engine
 from nanochat.report import get_report
+from nanochat.stage import (LoopState, StageLog, StopRequest, add_stage_args, due, init_stage, load_stage_model,
+                            parse_stage_args, resume_run, save_stage, stage_optimizers)
 from nanochat.task_eval import evaluate_task
-from nanochat.training import (MetricsLog, add_stage_args, apply_schedule, eta_seconds, load_stage_model,
-                               parse_stage_args, resume_run, stage_optimizers, train_step)
+from nanochat.training import apply_schedule, train_step
+from tasks.arc import ARC
+from tasks.catalog import IDENTITY_FILE
+from tasks.common import TaskMixture
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K
+from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import SimpleSpelling, SpellingBee
 
-IDENTITY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "data",
-                             "identity_conversations.jsonl")
+
+@dataclass
+class SFTState(LoopState):
+    val_loss: float | None = None
+    metrics: dict = field(default_factory=dict)  # the last quick task accuracies
+
+
+# a --resume must keep these flags: they decide which data each step sees
+RESUME_FLAGS = ("examples_per_step", "max_seq_len", "seed", "num_iterations", "num_epochs")
 
 
 def build_mixture(split):
     """(name, task) pairs of the SFT mixture; offline the general chat share is SGD + Self-Instruct."""
-    from tasks.arc import ARC
-    from tasks.customjson import CustomJSON
-    from tasks.gsm8k import GSM8K
-    from tasks.smoltalk import SmolTalk
-    from tasks.spellingbee import SimpleSpelling, SpellingBee
     if split == "train":
         parts = [("ARC-Easy", ARC("ARC-Easy", "train")), ("ARC-Challenge", ARC("ARC-Challenge", "train")),
                  ("GSM8K", GSM8K("main", "train")), ("general chat", SmolTalk("train")[:10_000]),
@@ -59,7 +70,6 @@ def build_mixture(split):
 
 def render_all(parts, tokenizer, seed):
     """The whole mixture rendered (ids, mask) in its shuffled order: rendering is cheap next to training."""
-    from tasks.common import TaskMixture
     mixture = TaskMixture([task for _, task in parts], seed=seed)
     return [tokenizer.render_conversation(mixture[i], max_tokens=None) for i in range(len(mixture))]
 
@@ -81,13 +91,11 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest GSM8K answer in the quick accuracy")
     args = parse_stage_args(p, argv)
 
-    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    ddp, rank, world_size, device, dtype, autocast = init_stage(args)
     master = rank == 0
-    dtype = parse_dtype(args.dtype, device.type)
-    autocast = autocast_ctx(device.type, dtype)
     model, tokenizer, meta, checkpoint_dir = load_stage_model(args, "sft", device)
+    engine, pad_id = Engine(model, tokenizer), tokenizer.get_bos_token_id()
     T = args.max_seq_len or model.config.sequence_len
-    print0(f"flags: {vars(args)}")
 
     per_step = args.device_batch_size * world_size
     if args.examples_per_step % per_step:
@@ -114,18 +122,10 @@ def main(argv=None):
            f"({num_iterations / max(one_epoch, 1):.2f} epochs); grad accumulation {grad_accum} x world size {world_size}")
 
     optimizers = stage_optimizers(model, args, dtype)
-    loop = {"step": 0, "train_time": 0.0, "smooth_loss": 0.0, "val_loss": None, "metrics": {}}
+    state = SFTState()
     if args.resume:
-        same_flags = ("examples_per_step", "max_seq_len", "seed", "num_iterations", "num_epochs")
-        loop = resume_run(checkpoint_dir, model, optimizers, args, same_flags, device, rank)
-        print0(f"resumed from {checkpoint_dir} step {loop['step']}")
-    engine = Engine(model, tokenizer)
-    append_metrics = MetricsLog(checkpoint_dir, master).append
-    wandb_run = DummyWandb()
-    if args.run and master:
-        import wandb
-        wandb_run = wandb.init(project="nanochat-sft", name=args.run, config=vars(args))
-    pad_id = tokenizer.get_bos_token_id()
+        state, _ = resume_run(SFTState, checkpoint_dir, model, optimizers, args, RESUME_FLAGS, device, rank)
+    log = StageLog(checkpoint_dir, args, "nanochat-sft", master)
 
     def micro_batch(step, k):
         """Micro-step k of `step` on this rank: conversations cycle over the shuffled mixture."""
@@ -152,8 +152,6 @@ def main(argv=None):
         return (total[0] / total[1].clamp(min=1)).item()
 
     def quick_metrics():
-        from tasks.arc import ARC
-        from tasks.gsm8k import GSM8K
         model.eval()
         out = {}
         arc = evaluate_task(ARC("ARC-Easy", "test"), model, engine, tokenizer, autocast, args.eval_problems)
@@ -164,65 +162,43 @@ def main(argv=None):
         model.train()
         return out
 
-    def save(step):
-        save_checkpoint(checkpoint_dir, step, model, optimizers,
-                        {"model_config": vars(model.config), "flags": vars(args), "loop": dict(loop, step=step),
-                         "val_loss": loop["val_loss"], "source": args.source, "source_step": meta["step"]})
-        print0(f"saved checkpoint {checkpoint_dir} step {step}")
-
-    def due(every, step):
-        return every > 0 and step % every == 0
-
-    step = start_step = loop["step"]
+    stop = StopRequest(device)
     while True:
-        last = step == num_iterations
-        stopping = step == args.stop_after_step
-        if step != start_step and (last or stopping or due(args.save_every, step)):
-            save(step)  # before the evals: a crash in them loses nothing
+        step = state.step
+        last, stopping = step == num_iterations, stop.requested(step, args.stop_after_step)
+        if state.save_due(last, stopping, args.save_every):  # before the evals: a crash in them loses nothing
+            save_stage(checkpoint_dir, state, model, optimizers, args,
+                       {"val_loss": state.val_loss, "source": args.source, "source_step": meta["step"]})
         if stopping and not last:
-            print0(f"stopped at step {step} (resume with --resume)")
             break
         if last or due(args.eval_every, step):
-            loop["val_loss"] = val_loss()
-            print0(f"step {step:05d} | val loss {loop['val_loss']:.4f}")
-            append_metrics({"step": step, "val_loss": loop["val_loss"]})
-            wandb_run.log({"step": step, "val/loss": loop["val_loss"]})
+            state.val_loss = val_loss()
+            log.eval(step, f"val loss {state.val_loss:.4f}", {"val_loss": state.val_loss}, {"val/loss": state.val_loss})
         if args.eval_problems > 0 and (last or (due(args.eval_metrics_every, step) and step > 0)):
-            loop["metrics"] = quick_metrics()
-            print0(f"step {step:05d} | " + " | ".join(f"{k} {100 * v:.1f}%" for k, v in loop["metrics"].items()))
-            append_metrics({"step": step, **loop["metrics"]})
-            wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in loop["metrics"].items()}})
+            state.metrics = quick_metrics()
+            log.eval(step, " | ".join(f"{k} {100 * v:.1f}%" for k, v in state.metrics.items()), state.metrics,
+                     {f"eval/{k}": v for k, v in state.metrics.items()})
         if last:
             break
         t0 = time.time()
-        lrm = 1.0 - step / num_iterations
-        apply_schedule(optimizers, lrm)
+        lrm = apply_schedule(optimizers, 1.0 - step / num_iterations)
         micro_batches = [micro_batch(step, k) for k in range(grad_accum)]
         loss_value, tokens = train_step(model, optimizers, micro_batches, autocast, world_size)
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"error: loss is {loss_value} at step {step}; lower the LRs or check the data")
         dt = time.time() - t0
-        step += 1
-        loop["step"] = step
-        loop["train_time"] += dt
-        loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * loss_value
-        smooth = loop["smooth_loss"] / (1 - 0.9 ** step)
-        eta = eta_seconds(loop["train_time"], step - start_step, num_iterations - step)
-        print0(f"step {step:05d}/{num_iterations:05d} | loss {smooth:.4f} | lrm {lrm:.3f} | trained tokens {tokens:,} | "
-               f"trained tok/s {tokens / dt:,.0f} | elapsed {loop['train_time'] / 60:.1f} m | ETA {eta / 60:.1f} m")
-        append_metrics({"step": step, "loss": loss_value, "smooth_loss": smooth, "lrm": lrm, "tokens": tokens,
-                        "tokens_per_s": tokens / dt})
-        wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm})
+        smooth = state.end_step(loss_value, dt)
+        log.step(state, num_iterations, f"loss {smooth:.4f} | lrm {lrm:.3f} | trained tokens {tokens:,} | "
+                 f"trained tok/s {tokens / dt:,.0f}",
+                 {"loss": loss_value, "smooth_loss": smooth, "lrm": lrm, "tokens": tokens, "tokens_per_s": tokens / dt},
+                 {"train/loss": smooth, "train/lrm": lrm})
 
-    if step == num_iterations and master:
+    if state.step == num_iterations and master:
         get_report().log("Chat SFT", [vars(args), {
             "source step": meta["step"], "conversations": len(train_data), "steps": num_iterations,
-            f"conversations cut at {T + 1} tokens": too_long, "final val loss": loop["val_loss"],
-            **{f"{k} (quick, {args.eval_problems} problems)": v for k, v in loop["metrics"].items()},
-            "training time (min)": loop["train_time"] / 60},
+            f"conversations cut at {T + 1} tokens": too_long, "final val loss": state.val_loss,
+            **{f"{k} (quick, {args.eval_problems} problems)": v for k, v in state.metrics.items()},
+            "training time (min)": state.train_time / 60},
             "mixture: " + ", ".join(f"{name} {len(task):,}" for name, task in train_parts)])
-    wandb_run.finish()
-    compute_cleanup()
+    stop.finish(state, num_iterations, log)
 
 
 if __name__ == "__main__":

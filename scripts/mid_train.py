@@ -10,35 +10,46 @@ mixture is packed best-fit into rows of max_seq_len + 1 tokens once, determinist
 rows [s * rows_per_step, (s + 1) * rows_per_step), so a resume needs only the step. The loss is on
 every token (this is still pretraining, on chat-shaped text). The LR is flat, then decays linearly to
 0 over the last --warmdown-ratio of the steps.
+Saving, --resume, and SIGTERM / Ctrl-C (save, then exit 128 + signal): nanochat/stage.py.
 """
 
 import argparse
-import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
-from nanochat.checkpoint import add_checkpoint_args, save_checkpoint
-from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, parse_dtype, print0
+from nanochat.checkpoint import add_checkpoint_args
+from nanochat.common import print0
 from nanochat.dataloader import pack_conversations
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.report import get_report
+from nanochat.stage import (LoopState, StageLog, StopRequest, add_stage_args, due, init_stage, load_stage_model,
+                            parse_stage_args, resume_run, save_stage, stage_optimizers)
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import (MetricsLog, add_stage_args, apply_schedule, eta_seconds, load_stage_model,
-                               parse_stage_args, resume_run, stage_optimizers, train_step)
-IDENTITY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "data",
-                             "identity_conversations.jsonl")
+from nanochat.training import apply_schedule, train_step
+from tasks.catalog import IDENTITY_FILE
+from tasks.common import TaskMixture
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K
+from tasks.mmlu import MMLU
+from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import SimpleSpelling, SpellingBee
+
+
+@dataclass
+class MidState(LoopState):
+    val_bpb: float | None = None
+
+
+# a --resume must keep these flags: they decide which data each step sees
+RESUME_FLAGS = ("total_batch_size", "max_seq_len", "seed", "device_batch_size")
 
 
 def build_mixture(split):
     """(name, task) pairs of the midtraining mixture; offline the general chat share is SGD + Self-Instruct."""
-    from tasks.customjson import CustomJSON
-    from tasks.gsm8k import GSM8K
-    from tasks.mmlu import MMLU
-    from tasks.smoltalk import SmolTalk
-    from tasks.spellingbee import SimpleSpelling, SpellingBee
     if split == "train":
         parts = [("general chat", SmolTalk("train")), ("MMLU auxiliary", MMLU("auxiliary_train", "train")),
                  ("GSM8K", GSM8K("main", "train")), ("SpellingBee", SpellingBee(2000, "train")),
@@ -53,7 +64,6 @@ def build_mixture(split):
 
 def pack_mixture(parts, tokenizer, row_len, seed):
     """All conversations rendered and packed into rows: tokens (N, row_len) long, their loss masks, counts."""
-    from tasks.common import TaskMixture
     mixture = TaskMixture([task for _, task in parts], seed=seed)
     docs, masks, too_long = [], [], 0
     for i in range(len(mixture)):
@@ -84,13 +94,10 @@ def main(argv=None):
                         "assistant: only the tokens the conversation mask marks")
     args = parse_stage_args(p, argv)
 
-    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    ddp, rank, world_size, device, dtype, autocast = init_stage(args)
     master = rank == 0
-    dtype = parse_dtype(args.dtype, device.type)
-    autocast = autocast_ctx(device.type, dtype)
     model, tokenizer, meta, checkpoint_dir = load_stage_model(args, "mid", device)
     T = args.max_seq_len or model.config.sequence_len
-    print0(f"flags: {vars(args)}")
 
     t0 = time.time()
     train_parts, val_parts = build_mixture("train"), build_mixture("val")
@@ -115,18 +122,13 @@ def main(argv=None):
                          f"({rows_per_step} rows); lower --total-batch-size")
     print0(f"steps: {num_iterations} x {args.total_batch_size:,} tokens ({num_iterations / max(one_pass, 1):.2f} passes); "
            f"grad accumulation {grad_accum} x world size {world_size}")
+    token_bytes = get_token_bytes(device=device)
 
     optimizers = stage_optimizers(model, args, dtype)
-    loop = {"step": 0, "smooth_loss": 0.0, "train_time": 0.0, "val_bpb": None}
+    state = MidState()
     if args.resume:
-        same_flags = ("total_batch_size", "max_seq_len", "seed", "device_batch_size")
-        loop = resume_run(checkpoint_dir, model, optimizers, args, same_flags, device, rank)
-        print0(f"resumed from {checkpoint_dir} step {loop['step']}")
-    token_bytes = get_token_bytes(device=device)
-    wandb_run = DummyWandb()
-    if args.run and master:
-        import wandb
-        wandb_run = wandb.init(project="nanochat-mid", name=args.run, config=vars(args))
+        state, _ = resume_run(MidState, checkpoint_dir, model, optimizers, args, RESUME_FLAGS, device, rank)
+    log = StageLog(checkpoint_dir, args, "nanochat-mid", master)
 
     def split_row(rows, masks):
         x, y = rows[:, :-1].clone(), rows[:, 1:].clone()
@@ -147,61 +149,43 @@ def main(argv=None):
             yield split_row(val_rows[idx], val_masks[idx])
             i += world_size * args.device_batch_size
 
-    append_metrics = MetricsLog(checkpoint_dir, master).append
-
-    def save(step):
-        save_checkpoint(checkpoint_dir, step, model, optimizers,
-                        {"model_config": vars(model.config), "flags": vars(args), "loop": dict(loop, step=step),
-                         "val_bpb": loop["val_bpb"], "source": args.source, "source_step": meta["step"]})
-        print0(f"saved checkpoint {checkpoint_dir} step {step}")
-
-    step, start_step = loop["step"], loop["step"]
+    # step s trains on the s-th batch; a checkpoint at step s holds the state before it
+    stop = StopRequest(device)
     while True:
-        last = step == num_iterations
-        stopping = step == args.stop_after_step
-        if step != start_step and (last or stopping or (args.save_every > 0 and step % args.save_every == 0)):
-            save(step)
+        step = state.step
+        last, stopping = step == num_iterations, stop.requested(step, args.stop_after_step)
+        if state.save_due(last, stopping, args.save_every):  # before the eval: a crash in it loses nothing
+            save_stage(checkpoint_dir, state, model, optimizers, args,
+                       {"val_bpb": state.val_bpb, "source": args.source, "source_step": meta["step"]})
         if stopping and not last:
-            print0(f"stopped at step {step} (resume with --resume)")
             break
-        if last or (args.eval_every > 0 and step % args.eval_every == 0):
+        if last or due(args.eval_every, step):
             model.eval()
-            steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
-            loop["val_bpb"] = evaluate_bpb(model, val_batches(), steps, token_bytes, autocast=autocast)
+            eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
+            state.val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes, autocast=autocast)
             model.train()
-            print0(f"step {step:05d} | val bpb {loop['val_bpb']:.4f}")
-            append_metrics({"step": step, "val_bpb": loop["val_bpb"]})
-            wandb_run.log({"step": step, "val/bpb": loop["val_bpb"]})
+            log.eval(step, f"val bpb {state.val_bpb:.4f}", {"val_bpb": state.val_bpb}, {"val/bpb": state.val_bpb})
         if last:
             break
         t0 = time.time()
-        lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
-        apply_schedule(optimizers, lrm, muon_momentum(step))
+        lrm = apply_schedule(optimizers, lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0),
+                             muon_momentum(step))
         micro_batches = [batch_rows(step, k) for k in range(grad_accum)]
         loss_value, _ = train_step(model, optimizers, micro_batches, autocast, world_size)
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"error: loss is {loss_value} at step {step}")
         dt = time.time() - t0
-        step += 1
-        loop["step"] = step
-        loop["train_time"] += dt
-        loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * loss_value
-        smooth = loop["smooth_loss"] / (1 - 0.9 ** step)
+        smooth = state.end_step(loss_value, dt)
         tokens_per_s = args.total_batch_size / dt
-        eta = eta_seconds(loop["train_time"], step - start_step, num_iterations - step)
-        print0(f"step {step:05d}/{num_iterations:05d} | loss {smooth:.4f} | lrm {lrm:.3f} | tok/s {tokens_per_s:,.0f} | "
-               f"elapsed {loop['train_time'] / 60:.1f} m | ETA {eta / 60:.1f} m")
-        append_metrics({"step": step, "loss": loss_value, "smooth_loss": smooth, "lrm": lrm, "tokens_per_s": tokens_per_s})
-        wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm})
+        log.step(state, num_iterations, f"loss {smooth:.4f} | lrm {lrm:.3f} | tok/s {tokens_per_s:,.0f}",
+                 {"loss": loss_value, "smooth_loss": smooth, "lrm": lrm, "tokens_per_s": tokens_per_s},
+                 {"train/loss": smooth, "train/lrm": lrm})
 
-    if step == num_iterations and master:
+    if state.step == num_iterations and master:
         get_report().log("Midtraining", [vars(args), {
             "source step": meta["step"], "conversations": train_counts["conversations"], "rows": len(train_rows),
             "conversations longer than a row": train_counts["too long"], "steps": num_iterations,
-            "final val bpb": loop["val_bpb"], "training time (min)": loop["train_time"] / 60},
+            "final val bpb": state.val_bpb, "training time (min)": state.train_time / 60},
             "mixture: " + ", ".join(f"{name} {len(task):,}" for name, task in train_parts)])
-    wandb_run.finish()
-    compute_cleanup()
+    stop.finish(state, num_iterations, log)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-nanochat/dataset.py: prepare keeps every document exactly once and is deterministic, the val split
+nanochat/text_shards.py and nanochat/dataset.py: prepare keeps every document exactly once and is deterministic, the val split
 is pinned by name, DDP ranks split the row groups exactly and resume exactly, and downloads survive
 a misbehaving server (a real one on 127.0.0.1) and work from a file:// mirror.
 """
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO_ROOT, data_path, read_text
-from nanochat import dataset
+from nanochat import dataset, text_shards
 
 # real text from tests/data (gzipped there: prepare reads .gz as well)
 SHAKESPEARE = data_path("pretrain", "tinyshakespeare", "input.txt")
@@ -47,7 +47,7 @@ def folder_bytes(folder):
 def mirror(tmp_path_factory):
     """A folder made by prepare (shards + index.json + SHA256SUMS) from real text: ~11 shards, ~90 row groups."""
     out = tmp_path_factory.mktemp("mirror")
-    dataset.prepare([SHAKESPEARE, WIKI, JEKYLL], shard_chars=80_000, out_dir=str(out))
+    text_shards.prepare([SHAKESPEARE, WIKI, JEKYLL], shard_chars=80_000, out_dir=str(out))
     return out
 
 
@@ -72,16 +72,16 @@ def test_prepare_keeps_every_document_once(tmp_path):
     # the documents, parsed here without the module: jsonl records, and for plain text the words
     wiki_docs = [r["text"] for r in map(json.loads, read_text(WIKI).splitlines()) if r["text"].strip()]
     shakespeare_words = read_text(SHAKESPEARE).split()
-    shakespeare_docs = list(dataset.read_documents(SHAKESPEARE))
+    shakespeare_docs = list(text_shards.read_documents(SHAKESPEARE))
     assert [w for doc in shakespeare_docs for w in doc.split()] == shakespeare_words  # nothing lost in parsing
-    assert len(shakespeare_docs) > 100 and max(map(len, shakespeare_docs)) <= dataset.DOC_CHARS
+    assert len(shakespeare_docs) > 100 and max(map(len, shakespeare_docs)) <= text_shards.DOC_CHARS
     wikitext_words = read_text(WIKITEXT).split()
-    wikitext_docs = list(dataset.read_documents(WIKITEXT))
+    wikitext_docs = list(text_shards.read_documents(WIKITEXT))
     assert [w for doc in wikitext_docs for w in doc.split()] == wikitext_words
     expected = collections.Counter(wiki_docs + shakespeare_docs + wikitext_docs)
 
     inputs = [SHAKESPEARE, os.path.dirname(WIKI), WIKITEXT]  # a folder is walked for its .jsonl
-    summary = dataset.prepare(inputs, shard_chars=150_000, out_dir=str(tmp_path / "a"))
+    summary = text_shards.prepare(inputs, shard_chars=150_000, out_dir=str(tmp_path / "a"))
     with open(tmp_path / "a" / "index.json") as f:
         index = json.load(f)
     assert index["val"] and index["val"] == summary["val"]["shards"]
@@ -100,18 +100,18 @@ def test_prepare_keeps_every_document_once(tmp_path):
         assert md.num_row_groups >= min(8, md.num_rows)
 
     # deterministic: a second run gives the same bytes; another seed another order, same documents
-    dataset.prepare(inputs, shard_chars=150_000, out_dir=str(tmp_path / "b"))
+    text_shards.prepare(inputs, shard_chars=150_000, out_dir=str(tmp_path / "b"))
     assert folder_bytes(tmp_path / "b") == files
     orders = {}
     for seed in (1, -1):  # Random(1) and Random(-1) are the same stream; our seeds must not be
-        dataset.prepare(inputs, shard_chars=150_000, seed=seed, out_dir=str(tmp_path / f"seed{seed}"))
+        text_shards.prepare(inputs, shard_chars=150_000, seed=seed, out_dir=str(tmp_path / f"seed{seed}"))
         orders[seed] = read_split(tmp_path / f"seed{seed}", "train") + read_split(tmp_path / f"seed{seed}", "val")
         assert collections.Counter(orders[seed]) == expected
         assert orders[seed] != train + val
     assert orders[1] != orders[-1]
 
     # shards are valid input too (a .parquet "text" column); re-preparing over a folder replaces it
-    summary = dataset.prepare([str(tmp_path / "a")], shard_chars=10**9, out_dir=str(tmp_path / "b"))
+    summary = text_shards.prepare([str(tmp_path / "a")], shard_chars=10**9, out_dir=str(tmp_path / "b"))
     assert collections.Counter(read_split(tmp_path / "b", "train") + read_split(tmp_path / "b", "val")) == expected
     assert sorted(os.listdir(tmp_path / "b")) == ["SHA256SUMS", "index.json", "shard_00000.parquet", "shard_00001.parquet"]
 
@@ -120,26 +120,26 @@ def test_gutenberg_book_loses_only_its_license(tmp_path):
     text = gzip.decompress(pathlib.Path(JEKYLL).read_bytes()).decode("utf-8-sig")
     start = text.index("\n", text.index("*** START OF")) + 1
     body_words = text[start:text.index("*** END OF")].split()
-    docs = list(dataset.read_documents(JEKYLL))
+    docs = list(text_shards.read_documents(JEKYLL))
     assert [w for doc in docs for w in doc.split()] == body_words
     assert not any(marker in doc for doc in docs for marker in ("*** START OF", "*** END OF", "FULL LICENSE"))
     # a book becomes chunks of a few thousand chars, cut at paragraph boundaries
-    assert len(docs) > 20 and all(len(doc) <= dataset.DOC_CHARS or "\n\n" not in doc for doc in docs)
+    assert len(docs) > 20 and all(len(doc) <= text_shards.DOC_CHARS or "\n\n" not in doc for doc in docs)
     # a non-UTF-8 book is read as Latin-1 rather than failing
     latin = tmp_path / "latin.txt"
     latin.write_bytes("Caf\u00e9 cr\u00e8me.\n\nSecond paragraph.".encode("latin-1"))
-    assert list(dataset.read_documents(str(latin))) == ["Caf\u00e9 cr\u00e8me.\n\nSecond paragraph."]
+    assert list(text_shards.read_documents(str(latin))) == ["Caf\u00e9 cr\u00e8me.\n\nSecond paragraph."]
 
 
 def test_prepare_errors(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        dataset.prepare([str(tmp_path / "nowhere")], out_dir=str(tmp_path / "out"))
+        text_shards.prepare([str(tmp_path / "nowhere")], out_dir=str(tmp_path / "out"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .txt"):
-        dataset.prepare([str(tmp_path / "empty")], out_dir=str(tmp_path / "out"))
+        text_shards.prepare([str(tmp_path / "empty")], out_dir=str(tmp_path / "out"))
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
-        dataset.prepare([str(tmp_path / "bad.jsonl")], out_dir=str(tmp_path / "out"))
+        text_shards.prepare([str(tmp_path / "bad.jsonl")], out_dir=str(tmp_path / "out"))
     for argv in (["prepare", "--input", str(tmp_path / "nowhere")], ["prepare", "--bogus"], ["-n", "x"], []):
         with pytest.raises(SystemExit) as info:
             dataset.main(argv)
@@ -166,7 +166,7 @@ def test_list_shards_pins_val_by_name(base_dir):
     with pytest.raises(ValueError, match="'train' or 'val'"):
         dataset.list_shards("test")
 
-    shard = dataset.encode_shard(["a document", "another one"])
+    shard = text_shards.encode_shard(["a document", "another one"])
     for i in (0, 1):  # train shards arrive first while the download is still running...
         (data / dataset.shard_name(i)).write_bytes(shard)
     with pytest.raises(FileNotFoundError, match="val.*shard_01822"):

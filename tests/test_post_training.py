@@ -1,4 +1,4 @@
-"""Midtraining: the mixture is packed and learned from; an interrupted run resumes to the same losses."""
+"""Midtraining: the mixture is packed and learned from; a run stopped (--stop-after-step or SIGTERM) resumes to the same losses."""
 
 import json
 import math
@@ -8,6 +8,7 @@ import sys
 
 from conftest import REPO_ROOT, TEST_DATA
 from test_chat_cli import make_chat_checkpoint
+from test_stage import check_sigterm_resume, sigterm_after_first_step
 
 
 def run_mid(base_dir, *flags):
@@ -47,3 +48,21 @@ def test_mid_train_learns_and_resumes_exactly(base_dir):
     assert len(masked) == 2 and all(math.isfinite(v) for v in masked) and masked[0] != losses[0]
     section = open(os.path.join(base_dir, "report", "midtraining.md"), encoding="utf-8").read()
     assert "final val bpb" in section and "mixture: general chat" in section
+
+
+def test_mid_train_sigterm_saves_exits_143_and_resumes_exactly(base_dir):
+    make_chat_checkpoint(base_dir, source_dir="base_checkpoints")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=TEST_DATA, OMP_NUM_THREADS="1")
+
+    def run(tag, *flags, sigterm=False):
+        cmd = [sys.executable, "-m", "scripts.mid_train", "--dtype", "float32", "--device-batch-size", "4",
+               "--total-batch-size", "512", "--num-iterations", "1000", "--eval-every", "-1", "--eval-tokens", "512",
+               "--out-tag", tag, *flags]
+        if sigterm:
+            return sigterm_after_first_step(cmd, env)
+        r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.returncode, r.stdout
+
+    check_sigterm_resume(run, lambda tag: os.path.join(base_dir, "mid_checkpoints", tag),
+                         lambda tag: [r for r in records(base_dir, tag) if "loss" in r])

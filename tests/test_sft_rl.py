@@ -1,7 +1,8 @@
 """
 Post-training: packing with masks, the SFT loss against a hand-computed masked mean, RL advantages and
 loss against hand-computed values, RL learning a toy reward, the shared step on 2 gloo ranks vs 1, and
-scripts.chat_sft / scripts.chat_rl end to end (2 steps each, loadable checkpoints, exact resume).
+scripts.chat_sft / scripts.chat_rl end to end (2 steps each, loadable checkpoints, exact resume after
+--stop-after-step and after SIGTERM).
 """
 
 import json
@@ -19,6 +20,7 @@ from nanochat.engine import Engine
 from nanochat.rl import group_advantages, pg_micro_batches, rollout
 from nanochat.training import accumulate_gradients, train_step
 from test_chat_cli import make_chat_checkpoint
+from test_stage import check_sigterm_resume, sigterm_after_first_step
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
@@ -316,9 +318,44 @@ def test_sft_then_rl_two_steps_each_loadable_and_resumable(tiny, base_dir):
     assert len([m for m in records if "mean_reward" in m]) == 2
     model, _, meta = load_model("rl", "cpu")
     assert meta["step"] == 2
+    # an interrupted RL run resumes to the same rollouts and losses
+    for flags in (["--stop-after-step", "1"], ["--resume"]):
+        run_stage(base_dir, "scripts.chat_rl", *RL_FLAGS, "--num-iterations", "2", "--model-tag", "d2",
+                  "--out-tag", "split", *flags)
+    key = lambda m: (m["step"], m["mean_reward"], m["sampled_tokens"], m["loss"])  # noqa: E731
+    assert [key(m) for m in metrics(base_dir, "chatrl_checkpoints", "split") if "mean_reward" in m] == \
+        [key(m) for m in records if "mean_reward" in m]
     report = open(os.path.join(base_dir, "report", "chat-rl.md"), encoding="utf-8").read()
     assert "first step mean reward" in report
     assert "final val loss" in open(os.path.join(base_dir, "report", "chat-sft.md"), encoding="utf-8").read()
+
+
+def stage_runner(base_dir, module, folder, *fixed):
+    """For check_sigterm_resume: run(tag, *flags, sigterm=) and records(tag) of one post-training script."""
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_LOCAL_DATA=TEST_DATA, OMP_NUM_THREADS="1")
+
+    def run(tag, *flags, sigterm=False):
+        flags = [*fixed, "--num-iterations", "1000", "--out-tag", tag, *flags]
+        if sigterm:
+            return sigterm_after_first_step([sys.executable, "-m", module, "--dtype", "float32", *flags], env)
+        r = run_stage(base_dir, module, *flags)
+        return r.returncode, r.stdout
+
+    def records(tag):
+        return [m for m in metrics(base_dir, folder, tag) if "loss" in m]
+
+    return run, lambda tag: os.path.join(base_dir, folder, tag), records
+
+
+def test_sft_sigterm_saves_exits_143_and_resumes_exactly(tiny, base_dir):
+    check_sigterm_resume(*stage_runner(base_dir, "scripts.chat_sft", "chatsft_checkpoints", *SFT_FLAGS,
+                                       "--eval-every", "-1", "--eval-problems", "0"))
+
+
+def test_rl_sigterm_saves_exits_143_and_resumes_exactly(base_dir):
+    make_chat_checkpoint(base_dir, source_dir="chatsft_checkpoints")
+    check_sigterm_resume(*stage_runner(base_dir, "scripts.chat_rl", "chatrl_checkpoints", *RL_FLAGS,
+                                       "--eval-problems", "0", "--model-tag", "d2"))
 
 
 def run_torchrun(base_dir, nproc, module, *flags):

@@ -7,16 +7,15 @@ SIGTERM, dry run, flag errors). Real shards of real text, a real tokenizer, real
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from conftest import REPO_ROOT, TEST_DATA, data_path, shakespeare
 from nanochat.dataloader import DataLoader, pack_rows
+from test_stage import check_sigterm_resume, sigterm_after_first_step
 
 BOS = 0
 
@@ -30,7 +29,7 @@ def env_base(tmp_path_factory):
     old = os.environ.get("NANOCHAT_BASE_DIR")
     os.environ["NANOCHAT_BASE_DIR"] = str(base)
     try:
-        from nanochat.dataset import prepare
+        from nanochat.text_shards import prepare
         from nanochat.tokenizer import RustBPETokenizer
         inputs = [data_path("pretrain", "tinyshakespeare", "input.txt"), os.path.join(TEST_DATA, "pretrain", "wikitext-2-raw")]
         prepare(inputs, shard_chars=120_000, val_chars=40_000, seed=0)
@@ -246,27 +245,19 @@ def test_base_train_two_processes_equal_gradient_accumulation(env_base):
         torch.testing.assert_close(w1[name], w2[name], rtol=1e-3, atol=1e-4)
 
 
-def test_base_train_sigterm_saves_and_resumes(env_base):
+def test_base_train_sigterm_saves_exits_143_and_resumes_exactly(env_base):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(env_base), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *TINY, "--num-iterations", "100000",
-                             "--model-tag", "sig", "--log-every", "1"], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 00003/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest, _ = proc.communicate(timeout=120)
-    out = "".join(lines) + rest
-    assert proc.returncode == 128 + signal.SIGTERM, out  # saved, then exits like the killed process it is
-    assert "received signal" in out and "saved checkpoint" in out
-    from nanochat.checkpoint import find_last_step
-    step = find_last_step(os.path.join(env_base, "base_checkpoints", "sig"))
-    assert step >= 3
-    out = run_train(env_base, *TINY, "--num-iterations", "100000", "--model-tag", "sig", "--resume",
-                    "--stop-after-step", str(step + 2)).stdout
-    assert f"resumed from" in out and f"stopped at step {step + 2}" in out
+
+    def run(tag, *flags, sigterm=False):
+        flags = [*TINY, "--num-iterations", "1000", "--model-tag", tag, "--log-every", "1", *flags]
+        if sigterm:
+            return sigterm_after_first_step([sys.executable, "-m", "scripts.base_train", *flags], env)
+        r = run_train(env_base, *flags)
+        return r.returncode, r.stdout
+
+    # the data position travels too: the resumed steps see the uninterrupted run's tokens
+    check_sigterm_resume(run, lambda tag: os.path.join(env_base, "base_checkpoints", tag), lambda tag: metrics(env_base, tag))
+    assert [r["data_checksum"] for r in metrics(env_base, "sig")] == [r["data_checksum"] for r in metrics(env_base, "ref")]
 
 
 def test_base_train_dry_run_and_flag_errors(env_base):

@@ -1,0 +1,284 @@
+"""
+What every training stage script (base, mid, SFT, RL) shares around its loop, so that each script
+is flags -> objects -> its own loop -> save, and the loop's bookkeeping is written once:
+
+- the flags every stage has (checkpointing, resume, stop, seed, wandb run, LRs);
+- LoopState: the loop's counters and statistics, saved in a checkpoint's meta["loop"] and restored
+  by --resume (each stage adds its own fields in a small subclass);
+- resume_run: the latest checkpoint of a stage's folder back into model and optimizers;
+- StopRequest: SIGTERM / Ctrl-C ask for a save at the next step boundary, all ranks stop at the same
+  step, and the process then exits 128 + the signal, like the killed process it is;
+- due() and LoopState.save_due: when a step evaluates / saves;
+- StageLog: the printed line with ETA, metrics.jsonl, and wandb when --run is given.
+
+The step itself (forward, backward, optimizer) is nanochat/training.py.
+"""
+
+import json
+import math
+import os
+import signal
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import SOURCES, find_last_step, load_checkpoint, load_model, save_checkpoint
+from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype, print0
+
+SMOOTHING = 0.9  # EMA factor of the logged loss
+
+
+# -------------------------------------------------------------------------------------------------
+# flags
+
+
+def add_lr_args(parser):
+    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the embedding (scaled by width)")
+    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head (scaled by width)")
+    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+
+
+def add_loop_args(parser, stage, save_every, seed, seed_help):
+    """The flags of every stage's loop: wandb run, checkpoints, resume, stop, seed."""
+    parser.add_argument("--run", default=None, help="wandb run name (no wandb when unset)")
+    parser.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps (-1: end only)")
+    parser.add_argument("--resume", action="store_true", help=f"continue the latest {stage} checkpoint of this tag")
+    parser.add_argument("--stop-after-step", type=int, default=-1, help="save and exit at this step (schedule unchanged)")
+    parser.add_argument("--seed", type=int, default=seed, help=seed_help)
+
+
+def add_stage_args(parser, stage, init_lr_frac, seed, save_every=-1):
+    """The flags every post-training stage (mid, SFT, RL) has: output tag, LRs, the loop's flags."""
+    parser.add_argument("--out-tag", default=None, help=f"tag of the {stage} checkpoint (default: the input's tag)")
+    add_lr_args(parser)
+    parser.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="LR as a share of the base run's")
+    add_loop_args(parser, stage, save_every, seed, "data order (and sampling) seed (positive)")
+
+
+def parse_stage_args(parser, argv):
+    args = parser.parse_args(argv)
+    if args.seed <= 0:
+        parser.error("--seed must be positive (seeds 1 and -1 give the same Python stream)")
+    return args
+
+
+def init_stage(args):
+    """(ddp, rank, world_size, device, dtype, autocast) from --device-type and --dtype; prints the flags."""
+    ddp, rank, _, world_size, device = compute_init(args.device_type)
+    dtype = parse_dtype(args.dtype, device.type)
+    print0(f"flags: {vars(args)}")
+    return ddp, rank, world_size, device, dtype, autocast_ctx(device.type, dtype)
+
+
+# -------------------------------------------------------------------------------------------------
+# the post-training stages' model and optimizers
+
+
+def load_stage_model(args, stage, device):
+    """
+    (model, tokenizer, meta, checkpoint_dir): the input checkpoint (-i/--model-tag/--step) ready to
+    train, and where this stage writes: <stage>_checkpoints/<--out-tag, else the input's tag>.
+    """
+    try:
+        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    out_tag = args.out_tag or args.model_tag or meta.get("flags", {}).get("model_tag") or f"d{model.config.n_layer}"
+    return model, tokenizer, meta, os.path.join(get_base_dir(), SOURCES[stage], out_tag)
+
+
+def stage_optimizers(model, args, dtype):
+    """The base run's optimizers (Muon + AdamW) at --init-lr-frac of the flags' LRs."""
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                        matrix_lr=args.matrix_lr, ns_dtype=dtype)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = group["initial_lr"] * args.init_lr_frac
+    return optimizers
+
+
+# -------------------------------------------------------------------------------------------------
+# the loop's state, and resuming it
+
+
+def eta_seconds(train_time, steps_done, steps_left):
+    """Remaining time from the mean step time so far (nan before the first timed step)."""
+    return train_time / steps_done * steps_left if steps_done > 0 else float("nan")
+
+
+@dataclass
+class LoopState:
+    """
+    The loop's state between steps: a checkpoint stores it as meta["loop"] and --resume restores it,
+    so a resumed run logs what the uninterrupted one would have. A stage adds its own fields (val
+    loss, rewards, ...) in a subclass. train_time leaves out the first step of each process: it
+    carries compilation and warm-up, and would make the ETA wrong for the whole run.
+    """
+    step: int = 0  # optimizer steps done; step s trains on the s-th batch
+    train_time: float = 0.0  # seconds spent in timed steps
+    smooth_loss: float = 0.0  # EMA of the step loss, not bias-corrected
+
+    def __post_init__(self):
+        self.start_step = self.step  # where this process began (not a field: not saved)
+
+    @classmethod
+    def from_dict(cls, saved):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+    def to_dict(self):
+        return asdict(self)
+
+    @property
+    def timed(self):
+        """Whether the last step counted toward train_time (not this process's first)."""
+        return self.step - self.start_step > 1
+
+    def end_step(self, loss, dt):
+        """Counts one finished step of `dt` seconds; returns the bias-corrected smoothed loss."""
+        if not math.isfinite(loss):
+            raise SystemExit(f"error: loss is {loss} at step {self.step}; lower the LRs or check the data")
+        self.step += 1
+        if self.timed:
+            self.train_time += dt
+        self.smooth_loss = SMOOTHING * self.smooth_loss + (1 - SMOOTHING) * loss
+        return self.smooth_loss / (1 - SMOOTHING ** self.step)
+
+    def eta(self, num_iterations):
+        return eta_seconds(self.train_time, self.step - self.start_step - 1, num_iterations - self.step)
+
+    def save_due(self, last, stopping, save_every):
+        """Save at the end, on a stop and every save_every steps, but not where this process started (on disk)."""
+        return self.step != self.start_step and (last or stopping or due(save_every, self.step))
+
+
+def due(every, step):
+    """Whether an every-N-steps action (eval, save, sample) falls on this step; N <= 0: never."""
+    return every > 0 and step % every == 0
+
+
+def resume_run(state_class, checkpoint_dir, model, optimizers, args, same_flags, device, rank):
+    """
+    Loads the latest checkpoint of checkpoint_dir (weights, this rank's optimizer state) for --resume.
+    Returns (loop state, the checkpoint's dataloader state or None). The flags in same_flags must
+    equal the checkpoint's: they decide which data each step sees, and a resume with others would
+    silently train on a different run.
+    """
+    try:
+        step = find_last_step(checkpoint_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: nothing to resume: {e}")
+    state, optim_states, dataloader_state, meta = load_checkpoint(checkpoint_dir, step, device,
+                                                                  load_optimizer=True, rank=rank)
+    if meta["model_config"] != vars(model.config):
+        raise SystemExit(f"error: checkpoint {checkpoint_dir} step {step} has config {meta['model_config']}, "
+                         f"these flags make {vars(model.config)}")
+    saved = meta.get("flags", {})
+    for flag in same_flags:
+        if saved.get(flag) != getattr(args, flag):
+            raise SystemExit(f"error: {checkpoint_dir} step {step} was trained with --{flag.replace('_', '-')} "
+                             f"{saved.get(flag)}, this run has {getattr(args, flag)}: the data order would not "
+                             f"continue; resume with the same flags or use a new --out-tag")
+    model.load_state_dict(state, strict=True)
+    for opt, s in zip(optimizers, optim_states):
+        opt.load_state_dict(s)
+    print0(f"resumed from {checkpoint_dir} step {step}")
+    return state_class.from_dict(meta["loop"]), dataloader_state
+
+
+def save_stage(checkpoint_dir, state, model, optimizers, args, meta, dataloader_state=None):
+    """A checkpoint at state.step: model_config, flags and the loop state in meta, plus the stage's own fields."""
+    meta = {"model_config": vars(model.config), "flags": vars(args), "loop": state.to_dict(), **meta}
+    save_checkpoint(checkpoint_dir, state.step, model, optimizers, meta, dataloader_state=dataloader_state)
+    print0(f"saved checkpoint {checkpoint_dir} step {state.step}")
+
+
+# -------------------------------------------------------------------------------------------------
+# stopping on a signal
+
+
+class StopRequest:
+    """
+    SIGTERM (a scheduler's preemption, `kill`) and SIGINT (Ctrl-C) do not kill the run: they ask the
+    loop to save at the next step boundary and stop. A second signal acts at once, unsaved.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.signal = None
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        print0(f"received signal {signum}: will save a checkpoint after this step and exit")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def requested(self, step, stop_after_step):
+        """Whether the loop stops at this step: --stop-after-step reached, or a signal on any rank."""
+        stopping = step == stop_after_step or self.signal is not None
+        if dist.is_available() and dist.is_initialized():  # a signal may reach the ranks at different steps
+            flag = torch.tensor(int(stopping), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = bool(flag.item())
+        return stopping
+
+    def finish(self, state, num_iterations, log):
+        """After the loop: wandb and the process group closed; a run a signal stopped early exits 128 + signal."""
+        finished = state.step == num_iterations
+        if not finished:
+            print0(f"stopped at step {state.step} (resume with --resume)")
+        log.finish()
+        compute_cleanup()
+        if self.signal is not None and not finished:
+            # saved and stopped early: exit like a killed process, so pipelines do not mark the stage done
+            raise SystemExit(128 + self.signal)
+
+
+# -------------------------------------------------------------------------------------------------
+# logging
+
+
+class MetricsLog:
+    """metrics.jsonl in a checkpoint folder: one JSON object per logged step, appended by rank 0 only."""
+
+    def __init__(self, checkpoint_dir, master=True):
+        self.path = os.path.join(checkpoint_dir, "metrics.jsonl")
+        self.master = master
+
+    def append(self, record):
+        if not self.master:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class StageLog:
+    """A stage's log: one printed line per logged step (rank 0), metrics.jsonl, and wandb when --run is set."""
+
+    def __init__(self, checkpoint_dir, args, project, master):
+        self.metrics = MetricsLog(checkpoint_dir, master)
+        self.wandb = DummyWandb()
+        if args.run and master:
+            import wandb  # here, not at the top: optional, and slow to import
+            self.wandb = wandb.init(project=project, name=args.run, config=vars(args))
+
+    def step(self, state, num_iterations, line, record, charts):
+        """A trained step: 'step s/N (p%) | line | elapsed | ETA'; record (+ timing) to metrics.jsonl; charts to wandb."""
+        eta = state.eta(num_iterations)
+        print0(f"step {state.step:05d}/{num_iterations:05d} ({100 * state.step / num_iterations:.1f}%) | {line} | "
+               f"elapsed {state.train_time / 60:.1f} m | ETA {eta / 60:.1f} m")
+        self.metrics.append({"step": state.step, **record, "elapsed_s": state.train_time, "eta_s": eta})
+        self.wandb.log({"step": state.step, **charts})
+
+    def eval(self, step, line, record, charts):
+        """An evaluation at `step`: 'step s | line'; record to metrics.jsonl; charts to wandb."""
+        print0(f"step {step:05d} | {line}")
+        self.metrics.append({"step": step, **record})
+        self.wandb.log({"step": step, **charts})
+
+    def finish(self):
+        self.wandb.finish()
