@@ -26,6 +26,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from nanochat.common import atomic_write, get_base_dir, get_git_commit, print0
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import get_tokenizer
 
 # -i/--source -> the folder under the base dir, and the stage script that fills it
 SOURCES = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
@@ -204,8 +206,6 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=Non
 
 def build_model(checkpoint_dir, step, device, phase="eval"):
     """(model, tokenizer, meta) from a checkpoint; fp32 weights; the tokenizer must be the one it was trained with."""
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.tokenizer import get_tokenizer
     if phase not in ("eval", "train"):
         raise ValueError(f"phase must be 'eval' or 'train', got {phase!r}")
     device = torch.device(device)

@@ -6,8 +6,13 @@ rank-aware printing and atomic file writes. No stage logic lives here.
 import datetime
 import gzip
 import os
+import subprocess
 import tempfile
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, nullcontext
+
+# torch is imported inside the functions below that use it, not here: the data downloaders and the
+# task loaders import this module and should not pay torch's import time (seconds) for nothing
 
 
 def get_base_dir():
@@ -161,7 +166,6 @@ def autocast_ctx(device_type, dtype):
     matmuls run in `dtype` (bf16) at use. fp32 is a no-op context.
     """
     import torch
-    from contextlib import nullcontext
     if dtype == torch.float32 or device_type == "mps":
         return nullcontext()
     return torch.autocast(device_type=device_type, dtype=dtype)
@@ -206,7 +210,6 @@ class DummyWandb:
 
 def get_git_commit():
     """The checkout's commit (with '-dirty' if it has local changes), or None outside a git repo."""
-    import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -234,7 +237,6 @@ def gpu_peak_flops(name):
 
 def measure_matmul_peak(device, dtype, n=2048, reps=5):
     """Measured FLOP/s of an n x n matmul in `dtype` on `device`: the ceiling MFU is reported against on CPUs."""
-    import time
     import torch
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

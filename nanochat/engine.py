@@ -32,6 +32,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from nanochat.calculator import use_calculator
 from nanochat.kv_cache import KVCache, SlotCache  # noqa: F401 (KVCache is part of this module's interface)
 
 
@@ -107,9 +108,7 @@ class Engine:
     def __init__(self, model, tokenizer, calculator=None):
         self.model = model
         self.tokenizer = tokenizer
-        if calculator is None:
-            from nanochat.calculator import use_calculator as calculator
-        self.calculator = calculator
+        self.calculator = calculator or use_calculator
         special = tokenizer.encode_special
         self.stop_ids = {special("<|assistant_end|>"), special("<|bos|>")}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")

@@ -21,6 +21,7 @@ import json
 import os
 
 import torch
+from safetensors.torch import load_file, save
 
 from nanochat.common import atomic_write
 from nanochat.gpt import LOGIT_SOFTCAP, GPTConfig
@@ -265,7 +266,6 @@ def tokenizer_from_json(tokenizer_json):
 
 def export_folder(model, tokenizer, out_dir):
     """Writes config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json."""
-    from safetensors.torch import save
     config = model.config
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise NotExportable(f"the tokenizer has {tokenizer.get_vocab_size()} ids, the model {config.vocab_size}")
@@ -286,7 +286,6 @@ def export_folder(model, tokenizer, out_dir):
 
 def import_folder(folder):
     """(model state dict, GPTConfig, tokenizer) from a transformers NanoChat folder."""
-    from safetensors.torch import load_file
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         if not os.path.exists(os.path.join(folder, name)):
             raise FileNotFoundError(f"{folder} has no {name}: not a transformers NanoChat model folder")

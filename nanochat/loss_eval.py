@@ -8,6 +8,7 @@ models with different vocabularies are compared on the same bytes of text.
 """
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,6 @@ def evaluate_bpb(model, batches, steps, token_bytes, autocast=None):
     (inputs, targets, ...) tuples; `steps` of them are used. token_bytes: long tensor [vocab] on the
     model's device. Sums are all-reduced when a process group is up, so every rank gets the same bpb.
     """
-    from contextlib import nullcontext
     autocast = autocast or nullcontext()
     device = model.get_device()
     total_nats = torch.zeros((), dtype=torch.float64, device=device)

@@ -8,11 +8,13 @@ The report card: each stage writes its own section to $NANOCHAT_BASE_DIR/report/
 
 import argparse
 import datetime
+import glob
+import json
 import os
 import platform
 import re
 
-from nanochat.common import atomic_write, get_base_dir, get_rank
+from nanochat.common import atomic_write, get_base_dir, get_git_commit, get_rank
 
 # pipeline order; sections not listed here come after, alphabetically
 SECTION_ORDER = [
@@ -56,7 +58,6 @@ class Report:
 
     def reset(self):
         """Remove every section and write a fresh header (date, machine, commit)."""
-        from nanochat.common import get_git_commit
         os.makedirs(self.report_dir, exist_ok=True)
         for name in os.listdir(self.report_dir):
             if name.endswith(".md"):
@@ -157,8 +158,6 @@ def code_size():
 
 def loss_curve_svg(base_dir, width=640, height=320):
     """A plain SVG line chart of the training loss of each stage's latest run (metrics.jsonl), or None."""
-    import glob
-    import json
     series = []
     # RL is left out: its loss is a policy-gradient surrogate around 0, not a cross-entropy (its reward is in its section)
     for stage, color in (("base_checkpoints", "#1f77b4"), ("mid_checkpoints", "#ff7f0e"),
