@@ -8,11 +8,13 @@ Endpoints: GET / (the page), GET /health, GET /stats, POST /chat/completions (SS
 the page), POST /v1/chat/completions (OpenAI format, stream or not), POST /v1/completions (raw text
 completion with prompt log-probabilities: lm-evaluation-harness's local-completions), GET /v1/models.
 
-A pool of workers, one model replica each (one per GPU; one on CPU). A request waits for a free
-worker in a bounded queue; when the queue is full, or no worker comes free in time, the answer is
-503 — always before a streaming response starts, never a hang. Generation runs in a worker thread
-and streams tokens to the response; a client that disconnects stops its generation and frees its
-worker. Every request is validated with a specific 4xx message, in tokens where the model counts in
+A pool of workers, one model replica each (one per GPU; one on CPU), each serving up to
+--batch-slots requests at once by continuous batching (engine.BatchScheduler: the active requests
+share one decode step; a new one joins at the next step; --batch-slots 1 serves one request at a
+time). A request waits for a free slot in a bounded queue; when the queue is full, or no slot comes
+free in time, the answer is 503 — always before a streaming response starts, never a hang.
+Generation is driven from a thread per request and streams tokens to the response; a client that
+disconnects stops its generation and frees its slot. Every request is validated with a specific 4xx message, in tokens where the model counts in
 tokens: prompt + max_tokens must fit the model's context. top_p is nucleus sampling; `n` > 1
 samples n rows from one prefill (non-streaming only); `stop` strings end a reply and are cut from
 it; a leading `system` message is folded into the first user turn (the model has no system role).
@@ -35,13 +37,14 @@ import os
 import threading
 import time
 import uuid
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from nanochat.engine import Engine, Utf8Stream
+from nanochat.engine import BatchScheduler, Engine, Utf8Stream
 from nanochat.text_completion import complete
 
 log = logging.getLogger("nanochat.chat_web")
@@ -127,32 +130,49 @@ class OriginGuard:
 
 
 class Worker:
-    def __init__(self, index, engine, tokenizer, autocast=None):
+    """
+    One model replica. slots > 1: continuous batching (engine.BatchScheduler): up to `slots` requests
+    share its decode steps; slots == 1: one request at a time through the Engine (the old mode).
+    """
+
+    def __init__(self, index, engine, tokenizer, autocast=None, slots=1, compile="off"):
         self.index, self.engine, self.tokenizer = index, engine, tokenizer
-        from contextlib import nullcontext
         self.autocast = autocast or nullcontext()
+        self.slots = slots
+        self.scheduler = BatchScheduler(engine, slots, autocast=self.autocast, compile=compile) if slots > 1 else None
+
+    @property
+    def generator(self):
+        """What generates: the shared batch, or the engine itself (same interface)."""
+        return self.scheduler or self.engine
 
 
 class CancellableEngine:
     """A worker's engine for text_completion.complete(): generation raises Cancelled once stop_event is set."""
 
-    def __init__(self, engine, stop_event):
-        self.engine, self.stop_event, self.model, self.stop_ids = engine, stop_event, engine.model, engine.stop_ids
+    def __init__(self, worker, stop_event):
+        self.worker, self.stop_event = worker, stop_event
+        self.model, self.stop_ids = worker.engine.model, worker.engine.stop_ids
 
     def generate(self, *args, **kwargs):
-        for step in self.engine.generate(*args, **kwargs):
-            if self.stop_event.is_set():
-                raise Cancelled()
-            yield step
+        steps = self.worker.generator.generate(*args, **kwargs)
+        try:
+            for step in steps:
+                if self.stop_event.is_set():
+                    raise Cancelled()
+                yield step
+        finally:
+            steps.close()  # frees a batch slot at once
 
     generate_batch = Engine.generate_batch  # the same bookkeeping, over our generate
 
 
 class WorkerPool:
-    """Free workers in an asyncio queue; at most `max_queue` requests may wait for one."""
+    """Free seats in an asyncio queue (a worker has one seat per batch slot); at most `max_queue` requests may wait."""
 
     def __init__(self, workers, max_queue, timeout):
         self.workers, self.max_queue, self.timeout = workers, max_queue, timeout
+        self.seats = sum(w.slots for w in workers)
         self.free = None  # created in the server's event loop
         self.waiting = 0
         self.served = 0
@@ -161,9 +181,10 @@ class WorkerPool:
         if self.free is None:
             self.free = asyncio.Queue()
             for w in self.workers:
-                self.free.put_nowait(w)
+                for _ in range(w.slots):
+                    self.free.put_nowait(w)
         if self.free.empty() and self.waiting >= self.max_queue:
-            raise APIError(503, f"server busy: all {len(self.workers)} workers are generating and {self.waiting} "
+            raise APIError(503, f"server busy: all {self.seats} generation slots are taken and {self.waiting} "
                                 f"requests are queued; retry shortly", "server_busy", "queue_full")
         self.waiting += 1
         try:
@@ -178,9 +199,10 @@ class WorkerPool:
         self.free.put_nowait(worker)
 
     def stats(self):
-        free = self.free.qsize() if self.free is not None else len(self.workers)
-        return {"workers": len(self.workers), "busy": len(self.workers) - free, "free": free,
-                "queued": self.waiting, "max_queue": self.max_queue, "served": self.served}
+        free = self.free.qsize() if self.free is not None else self.seats
+        return {"workers": len(self.workers), "slots": self.seats, "busy": self.seats - free, "free": free,
+                "queued": self.waiting, "max_queue": self.max_queue, "served": self.served,
+                "batch_steps": sum(w.scheduler.steps for w in self.workers if w.scheduler)}
 
 
 async def read_json(request, limits):
@@ -348,10 +370,11 @@ def generate_in_thread(worker, prompt, options, emit, stop_event):
     texts = [""] * n
     finished = [None] * n
     completion_tokens = 0
-    with worker.autocast:
-        for column, _ in worker.engine.generate(prompt, num_samples=n, max_tokens=options["max_tokens"],
-                                                temperature=options["temperature"], top_k=options["top_k"] or None,
-                                                top_p=options["top_p"], seed=seed):
+    steps = worker.generator.generate(prompt, num_samples=n, max_tokens=options["max_tokens"],
+                                      temperature=options["temperature"], top_k=options["top_k"] or None,
+                                      top_p=options["top_p"], seed=seed)
+    with worker.autocast, closing(steps):  # closing: a stop or disconnect frees a batch slot at once
+        for column, _ in steps:
             if stop_event.is_set():
                 break
             for i, token in enumerate(column):
@@ -537,7 +560,7 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat", origin
         prompts, options = validate_completion(await read_json(request, limits), limits, tokenizer, context)
 
         def job(worker, emit, stop_event):
-            engine, tok = CancellableEngine(worker.engine, stop_event), worker.tokenizer
+            engine, tok = CancellableEngine(worker, stop_event), worker.tokenizer
             seed, choices = options["seed"] if options["seed"] is not None else 0, []
             for i, p in enumerate(prompts):
                 if stop_event.is_set():
@@ -571,6 +594,10 @@ def main(argv=None):
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also serve this web origin (scheme://host[:port]) as Host and Origin; repeatable. "
                         "Always served: http://127.0.0.1, localhost and [::1] on --port")
+    p.add_argument("--batch-slots", type=int, default=16,
+                   help="requests a worker decodes together (continuous batching); 1 = one request at a time")
+    p.add_argument("--compile-decode", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the batched decode step (CUDA graphs on a GPU); auto: only where it measures faster")
     p.add_argument("--limit-concurrency", type=int, default=64, help="most open connections; beyond, uvicorn answers 503")
     p.add_argument("--timeout-keep-alive", type=int, default=5, help="seconds an idle keep-alive connection stays open")
     for field, default in vars(Limits()).items():
@@ -582,8 +609,8 @@ def main(argv=None):
             p.error(f"--allow-origin {origin!r} is not an origin: write scheme://host[:port], e.g. https://chat.example.com")
     device_type = args.device_type or autodetect_device_type()
     n = args.num_workers or (torch.cuda.device_count() if device_type == "cuda" else 1)
-    if n < 1:
-        p.error("--num-workers must be >= 1")
+    if n < 1 or args.batch_slots < 1:
+        p.error("--num-workers and --batch-slots must be >= 1")
     workers = []
     for i in range(n):
         device = torch.device("cuda", i % torch.cuda.device_count()) if device_type == "cuda" else torch.device(device_type)
@@ -591,12 +618,15 @@ def main(argv=None):
             model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}")
-        workers.append(Worker(i, Engine(model, tokenizer), tokenizer, autocast_ctx(device_type, parse_dtype(args.dtype, device_type))))
+        autocast = autocast_ctx(device_type, parse_dtype(args.dtype, device_type))  # bf16 on CPUs where it measures faster
+        workers.append(Worker(i, Engine(model, tokenizer), tokenizer, autocast, slots=args.batch_slots,
+                              compile=args.compile_decode))
     limits = Limits(**{f: getattr(args, f) for f in vars(Limits())})
     origins = [f"http://{name}:{args.port}" for name in ("127.0.0.1", "localhost", "[::1]")] + args.allow_origin
     app = create_app(workers, limits, api_key=args.api_key, model_name=f"nanochat-{args.source}-step{meta['step']}",
                      origins=origins)
-    print(f"nanochat chat server: http://{args.host}:{args.port}/  ({n} worker(s), {args.source} model step {meta['step']}; "
+    print(f"nanochat chat server: http://{args.host}:{args.port}/  ({n} worker(s) x {args.batch_slots} slots, "
+          f"{args.source} model step {meta['step']}; "
           f"serving {', '.join(origins)})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", limit_concurrency=args.limit_concurrency,
                 timeout_keep_alive=args.timeout_keep_alive)

@@ -27,14 +27,14 @@ def tokenizer():
     return RustBPETokenizer.train_from_iterator(iter([text[i:i + 1000] for i in range(0, len(text), 1000)]), 400)
 
 
-def random_worker(tokenizer, index=0):
+def random_worker(tokenizer, index=0, slots=1):
     torch.manual_seed(index)
     model = GPT(GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
-    return Worker(index, Engine(model.eval(), tokenizer, calculator=lambda e: "0"), tokenizer)
+    return Worker(index, Engine(model.eval(), tokenizer, calculator=lambda e: "0"), tokenizer, slots=slots)
 
 
 class SlowScripted(ScriptedModel):
@@ -215,6 +215,57 @@ def test_queue_overflow_and_disconnect_free_the_worker(tokenizer):
             time.sleep(0.1)
         assert httpx.get(server.url + "/stats").json() == {**httpx.get(server.url + "/stats").json(), "busy": 0}
         assert httpx.post(server.url + "/v1/chat/completions", json=chat(HELLO, max_tokens=3), timeout=30).status_code == 200
+
+
+def test_continuous_batching_serves_each_request_as_if_alone(tokenizer):
+    """Real clients, real server, one worker with 4 batch slots: 8 concurrent requests (different prompts,
+    greedy and seeded sampling, streaming or not) get exactly the replies they get one at a time."""
+    worker = random_worker(tokenizer, 0, slots=4)
+    bodies = [chat([{"role": "user", "content": "word " * (1 + i)}], max_tokens=6 + 2 * i,
+                   temperature=0 if i % 2 else 1.0, seed=i, stream=i % 3 == 0) for i in range(8)]
+
+    def ask(server, body):
+        if not body["stream"]:
+            r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+        text = ""
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    text += delta.get("content") or ""
+        return text
+
+    with Server(create_app([worker], Limits(max_queue=16))) as server:
+        alone = [ask(server, b) for b in bodies]
+        together = [None] * len(bodies)
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(server, bodies[i]))) for i in range(8)]
+        steps_before = worker.scheduler.steps
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert together == alone and any(alone)
+        stats = httpx.get(server.url + "/stats").json()
+        assert stats["slots"] == 4 and stats["busy"] == 0
+        shared = worker.scheduler.steps - steps_before
+        assert shared < sum(b["max_tokens"] for b in bodies)  # the requests shared decode steps
+
+
+def test_a_disconnect_frees_its_batch_slot(tokenizer):
+    worker = random_worker(tokenizer, 0, slots=2)
+    with Server(create_app([worker], Limits(max_queue=4))) as server:
+        body = chat(HELLO, max_tokens=50, temperature=1.0, seed=3)
+        with httpx.Client(timeout=30) as c, c.stream("POST", server.url + "/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+            assert worker.scheduler.free_slots() == 1
+        for _ in range(100):
+            if worker.scheduler.free_slots() == 2 and httpx.get(server.url + "/stats").json()["busy"] == 0:
+                break
+            time.sleep(0.05)
+        assert worker.scheduler.free_slots() == 2 and httpx.get(server.url + "/stats").json()["busy"] == 0
 
 
 def chromium_driver():
