@@ -1,15 +1,16 @@
 """
 Serving under load: N concurrent streaming clients against a real uvicorn server on loopback
 (scripts.chat_web with a random depth-4 model, one CPU worker per --workers), each sending
---requests requests. Prints requests/s, time to first token p50/p95, tokens/s and errors; the last
-line is a JSON object with every figure.
+--requests requests, twice in one run on the same model: one request per worker at a time (the old
+mode, --batch-slots 1) and continuous batching (--slots requests share each decode step). Prints
+requests/s, time to first token p50/p95, streamed tokens/s and errors per mode and the ratio; the
+last line is a JSON object with every figure.
 
-    python -m bench.serve --clients 8 --requests 4
+    python -m bench.serve --clients 16 --requests 2
 """
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import threading
@@ -18,28 +19,27 @@ import time
 import httpx
 import torch
 
+from bench import data_dir, read_text
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import RustBPETokenizer
 from scripts.chat_web import Limits, Worker, create_app
 
-TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data",
-                    "pretrain", "tinyshakespeare", "input.txt")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--requests", type=int, default=4, help="requests per client")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--slots", type=int, default=16, help="batch slots per worker in the continuous-batching run")
+    p.add_argument("--compile-decode", default="off", choices=["auto", "on", "off"])
     p.add_argument("--depth", type=int, default=4)
     args = p.parse_args()
-    import uvicorn
-    with open(TEXT, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(data_dir(small_ok=True), "pretrain", "tinyshakespeare", "input.txt")
     tokenizer = RustBPETokenizer.train_from_iterator(iter([text[i:i + 2000] for i in range(0, len(text), 2000)]), 4096)
-    workers = []
+    models = []
     for i in range(args.workers):
         torch.manual_seed(i)
         model = GPT(config_for_depth(args.depth, tokenizer.get_vocab_size(), 1024, head_dim=64))
@@ -49,7 +49,30 @@ def main():
                 param.normal_(0, 0.02)
             specials = [tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()]
             model.lm_head.weight[specials] = 0  # replies run to max_tokens: a fixed amount of work per request
-        workers.append(Worker(i, Engine(model.eval(), tokenizer, calculator=lambda e: "0"), tokenizer))
+        models.append(model.eval())
+    rows = []
+    print(f"{args.clients} streaming clients x {args.requests} requests x {args.max_tokens} tokens, "
+          f"{args.workers} worker(s), depth {args.depth}, {torch.get_num_threads()} threads")
+    print("| mode | requests | errors | requests/s | TTFT p50 s | TTFT p95 s | streamed tokens/s | vs one-per-worker |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, slots in (("one request per worker", 1), (f"continuous batching, {args.slots} slots", args.slots)):
+        workers = [Worker(i, Engine(m, tokenizer, calculator=lambda e: "0"), tokenizer, slots=slots,
+                          compile=args.compile_decode) for i, m in enumerate(models)]
+        result = run_clients(workers, args)
+        result["mode"], result["slots"] = name, slots
+        rows.append(result)
+        ratio = result["stream_tokens_per_s"] / rows[0]["stream_tokens_per_s"]
+        print(f"| {name} | {result['requests']} | {result['errors']} | {result['requests_per_s']:.2f} | "
+              f"{result['ttft_p50_s']:.2f} | {result['ttft_p95_s']:.2f} | {result['stream_tokens_per_s']:.0f} | "
+              f"{ratio:.2f}x |", flush=True)
+        if result["error_samples"]:
+            print("errors:", result["error_samples"])
+    print(json.dumps(rows))
+
+
+def run_clients(workers, args):
+    """A real uvicorn server on loopback with these workers, and args.clients concurrent streaming clients."""
+    import uvicorn
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -80,7 +103,7 @@ def main():
                             if not choices[0].get("delta", {}).get("content"):
                                 continue  # the opening role chunk, the closing finish chunk
                             if first is None:
-                                first = time.perf_counter() - t0  # includes any wait for a free worker
+                                first = time.perf_counter() - t0  # includes any wait for a free slot
                             with lock:
                                 tokens[0] += 1
                     with lock:
@@ -99,16 +122,9 @@ def main():
     server.should_exit = True
     done = len(ttfts)
     q = statistics.quantiles(ttfts, n=20) if len(ttfts) >= 2 else [float("nan")] * 19
-    result = {"clients": args.clients, "requests": done, "errors": len(errors), "wall_s": wall,
-              "requests_per_s": done / wall, "ttft_p50_s": statistics.median(ttfts) if ttfts else float("nan"),
-              "ttft_p95_s": q[18], "stream_chunks_per_s": tokens[0] / wall, "workers": args.workers}
-    print("| clients | workers | requests | errors | requests/s | TTFT p50 s | TTFT p95 s | streamed chunks/s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {args.clients} | {args.workers} | {done} | {len(errors)} | {result['requests_per_s']:.2f} | "
-          f"{result['ttft_p50_s']:.2f} | {result['ttft_p95_s']:.2f} | {result['stream_chunks_per_s']:.0f} |")
-    if errors:
-        print("errors:", errors[:5])
-    print(json.dumps(result))
+    return {"clients": args.clients, "requests": done, "errors": len(errors), "error_samples": errors[:3], "wall_s": wall,
+            "requests_per_s": done / wall, "ttft_p50_s": statistics.median(ttfts) if ttfts else float("nan"),
+            "ttft_p95_s": q[18], "stream_tokens_per_s": tokens[0] / wall, "workers": len(workers)}
 
 
 if __name__ == "__main__":

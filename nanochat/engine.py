@@ -246,12 +246,15 @@ class BatchScheduler:
         self.cache = SlotCache(slots, c.n_kv_head, self.max_len, c.n_embd // c.n_head, c.n_layer, self.device)
         self.owner = [None] * slots  # the Request holding each slot
         self.row_of = [0] * slots  # which of its rows
+        self.length = [0] * slots  # each slot's cached positions, on the host (the device copy is cache.lengths)
         self.feed = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self.pending = deque()
         self.cond = threading.Condition()
         self.autocast = autocast or nullcontext()
         if compile not in ("off", "on", "auto"):
             raise ValueError(f"compile must be off, on or auto, got {compile!r}")
+        if compile == "auto" and self.device.type != "cuda":
+            compile = "off"  # on a CPU each (rows, span) shape costs seconds of compiling for little gain (bench.inference)
         self.compile_mode, self.compiled, self.thread = compile, None, None
         self.steps = 0
 
@@ -287,6 +290,10 @@ class BatchScheduler:
     # the scheduler thread: admit, step, hand out tokens
 
     def _loop(self):
+        if self.device.type == "cpu":
+            # a thread other than the main one pays for every intra-op parallel region (its own OpenMP team
+            # wakes up each time): one thread here decodes faster than two (bench/README.md, serving)
+            torch.set_num_threads(1)
         while True:
             with self.cond:
                 while not self.pending and all(o is None for o in self.owner):
@@ -317,21 +324,26 @@ class BatchScheduler:
         logits = self.model(torch.tensor([tokens], dtype=torch.long, device=self.device), kv_cache=prefix)[:, -1, :]
         for j, slot in enumerate(request.slots):
             self.cache.load(slot, prefix, len(tokens))
+            self.length[slot] = len(tokens)
             request.generators[j] = torch.Generator(device=self.device).manual_seed(request.seed + j)
         self._emit(request, logits.expand(request.num_samples, -1))
 
-    def _decode(self, n):
-        self.cache.begin_step(n)
+    def _decode(self, n, span):
+        self.cache.begin_step(n, span)
         return self.model(self.feed[:n], kv_cache=self.cache)[:, -1, :]
 
     def _step(self):
         # rows computed: the occupied prefix, rounded up to a power of two (a request takes the lowest free
         # slot), so one request alone costs one row, and a compiled step has a few shapes, not one per count
+        # and the positions read: past the longest occupied slot, rounded up likewise (at least 64)
         used = max(i for i, o in enumerate(self.owner) if o is not None) + 1
         n = min(self.slots, 1 << (used - 1).bit_length())
-        logits = self._run_step(n)
-        active = torch.tensor([o is not None for o in self.owner[:n]], device=self.device)
-        self.cache.lengths[:n] += active.long()  # only occupied slots advance
+        span = min(self.max_len, max(64, 1 << max(self.length[:n]).bit_length()))
+        logits = self._run_step(n, span)
+        active = [o is not None for o in self.owner[:n]]
+        self.cache.lengths[:n] += torch.tensor(active, device=self.device).long()  # only occupied slots advance
+        for i, a in enumerate(active):
+            self.length[i] += a
         self.steps += 1
         for request in {o for o in self.owner if o is not None}:
             self._emit(request, logits[request.slots])
@@ -358,31 +370,33 @@ class BatchScheduler:
         for slot in request.slots:
             if self.owner[slot] is request:
                 self.owner[slot] = None
-                self.cache.lengths[slot] = 0
+                self.cache.lengths[slot] = self.length[slot] = 0
         request.events.put(error)
 
-    def _run_step(self, n):
+    def _run_step(self, n, span):
         """The decode step, compiled on the first call when asked (and, for "auto", kept only if faster)."""
         if self.compiled is not None:
-            return self.compiled(n)
+            return self.compiled(n, span)
         if self.compile_mode == "off":
-            return self._decode(n)
+            return self._decode(n, span)
         mode, self.compile_mode = self.compile_mode, "off"  # decided once
         try:
             compiled = torch.compile(self._decode, dynamic=False,
                                      mode="reduce-overhead" if self.device.type == "cuda" else None)
+            # one graph per (rows, span) bucket: at most log2(slots) x log2(max_len / 64) of them
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             for _ in range(3):  # compile, warm up
-                compiled(n)
-            if mode == "auto" and _time(lambda: compiled(n)) > _time(lambda: self._decode(n)):
+                compiled(n, span)
+            if mode == "auto" and _time(lambda: compiled(n, span)) > _time(lambda: self._decode(n, span)):
                 compiled = None
             self.compiled = compiled
             print(f"nanochat.engine: decode step {'compiled' if compiled is not None else 'eager (measured faster)'}")
             # every call above wrote this step's keys at the same positions and left the lengths alone,
             # so one more call of the chosen step is this step's real result
-            return (compiled or self._decode)(n)
+            return (compiled or self._decode)(n, span)
         except Exception as e:  # a platform without a working compiler: stay eager
             print(f"nanochat.engine: decode step not compiled ({type(e).__name__}: {e}); running eager")
-            return self._decode(n)
+            return self._decode(n, span)
 
 
 def _time(step, reps=5):

@@ -74,9 +74,11 @@ class KVCache:
 class SlotCache:
     """
     Keys and values for a fixed pool of `slots` sequences of up to max_len positions, allocated once
-    (never per request) with a per-slot length. In a decode step every slot feeds one token at its own
-    position: `positions` (slots,) and the `valid` key mask (slots, 1, 1, max_len) are what
-    GPT.forward and the attention read; the shapes never change, so the step can be compiled.
+    (never per request) with a per-slot length. In a decode step the first n slots feed one token each
+    at its own position and attend over the first `span` positions: `positions` (n,) and the `valid`
+    key mask (n, 1, 1, span) are what GPT.forward and the attention read. n and span come in a few
+    bucketed sizes (the caller's choice), so a compiled step has a few shapes; reading only `span`
+    positions of every row, not max_len, is what keeps a batch of short replies cheap.
     """
 
     def __init__(self, slots, num_heads, max_len, head_dim, num_layers, device):
@@ -98,16 +100,17 @@ class SlotCache:
             self.v[i][slot, :, :length] = prefix.v[i][0, :, :length]
         self.lengths[slot] = length
 
-    def begin_step(self, n=None):
-        """A step over the first n slots (all by default): each writes its new token at its length
-        (clamped: a free slot's writes land in space no one reads)."""
-        self.n = n = n or self.shape[0]
-        self.positions = self.lengths[:n].clamp(max=self.shape[2] - 1)
-        self.valid = (self.span[None, :] <= self.positions[:, None]).view(n, 1, 1, self.shape[2])
+    def begin_step(self, n=None, span=None):
+        """A step over the first n slots (default all) and `span` positions (default max_len; more than any
+        occupied slot's length): each writes its new token at its length (clamped: a free slot's writes land
+        in space no one reads)."""
+        self.n, self.width = n, span = n or self.shape[0], span or self.shape[2]
+        self.positions = self.lengths[:n].clamp(max=span - 1)
+        self.valid = (self.span[None, :span] <= self.positions[:, None]).view(n, 1, 1, span)
 
     def insert_kv(self, layer_idx, k, v):
         """k, v (n, H, 1, D): written at each slot's position. Returns the n slots' keys and values."""
-        n = self.n
+        n, span = self.n, self.width
         self.k[layer_idx][self.rows[:n], :, self.positions] = k[:, :, 0]
         self.v[layer_idx][self.rows[:n], :, self.positions] = v[:, :, 0]
-        return self.k[layer_idx][:n], self.v[layer_idx][:n]
+        return self.k[layer_idx][:n, :, :span], self.v[layer_idx][:n, :, :span]

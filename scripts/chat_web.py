@@ -41,6 +41,7 @@ from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
@@ -444,6 +445,8 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat", origin
             loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
 
         def target():
+            if worker.engine.model.get_device().type == "cpu":
+                torch.set_num_threads(1)  # a non-main thread's OpenMP team costs more than it gains (see BatchScheduler)
             try:
                 job(worker, emit, stop_event)
             except Cancelled:

@@ -169,8 +169,8 @@ def test_compiled_decode_step(tokenizer):
             scheduler.cache.load(slot, prefix, len(p))
             scheduler.feed[slot, 0] = p[-1]
         saved = [t.clone() for t in scheduler.cache.k + scheduler.cache.v]
-        eager = scheduler._decode(3)
+        eager = scheduler._decode(3, 96)
         for t, v in zip(scheduler.cache.k + scheduler.cache.v, saved):
             t.copy_(v)
-        compiled = scheduler.compiled(3)
+        compiled = scheduler.compiled(3, 96)
     assert eager.std() > 0.1 and (compiled - eager).abs().max() < 1e-3 * eager.abs().max()
