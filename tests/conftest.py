@@ -49,6 +49,21 @@ def wiki_articles():
     return [json.loads(line)["text"] for line in read_text("pretrain", "wiki_demo", "wiki_demo.jsonl").splitlines()]
 
 
+def wait_for_server(process, port, timeout=120):
+    """Until a `python -m scripts.chat_web` subprocess answers /health on 127.0.0.1:port (or fails loudly)."""
+    import time
+    import urllib.request
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return
+        except OSError:
+            assert process.poll() is None, process.stdout.read()
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(0.3)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "large_data: needs the full data copy ($NANOCHAT_LOCAL_DATA or ../shared/data)")
 

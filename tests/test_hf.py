@@ -11,13 +11,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, read_text, shakespeare
+from conftest import REPO_ROOT, read_text, shakespeare, wait_for_server
 from nanochat.checkpoint import save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -290,15 +289,7 @@ def test_lm_eval_harness_scores_the_model_through_our_server(tokenizer, tmp_path
                                "--dtype", "float32"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()
-                assert time.time() < deadline, "server did not come up"
-                time.sleep(0.5)
+        wait_for_server(server, port)
         lm_eval = os.path.join(os.path.dirname(sys.executable), "lm_eval")
         model_args = (f"base_url=http://127.0.0.1:{port}/v1/completions,model=nanochat,tokenizer={tmp_path / 'hf'},"
                       f"tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1,max_retries=1,"

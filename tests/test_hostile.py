@@ -20,7 +20,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, wait_for_server
 from nanochat.checkpoint import save_checkpoint
 from scripts.chat_web import Limits, create_app
 from test_web import HELLO, Server, chromium_driver, random_worker, scripted_worker, tokenizer  # noqa: F401 (fixture)
@@ -56,15 +56,7 @@ def cli(tokenizer, tmp_path_factory):
                                "--limit-concurrency", "8"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()
-                assert time.time() < deadline, "the server did not come up"
-                time.sleep(0.3)
+        wait_for_server(server, port)
         yield Target(port)
     finally:
         server.terminate()
