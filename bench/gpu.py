@@ -12,7 +12,8 @@ after warm-up (goal 0), compiled == eager loss. (3) d20 training throughput (ful
 device batch 32 x 2048, vocab 32768, compiled) under a memory cap of 80 GB (as an H100): peak memory
 vs the dry run's estimate, tokens/s, MFU against the H100 bf16 dense peak (989 TFLOP/s; the H200's
 dense bf16 peak is the same). (4) decode at d20 (the model + KVCache step the Engine runs): tok/s at
-batch 1 and 8, prefill tok/s, KV-cache memory. (5) `torchrun --standalone --nproc_per_node=1` through
+batch 1 and 8, prefill tok/s, KV-cache memory; and the serving path, continuous batching's static
+decode step (BatchScheduler, compiled with CUDA graphs on a GPU) with 1 and 8 requests. (5) `torchrun --standalone --nproc_per_node=1` through
 the real scripts.base_train (NCCL on a GPU, gloo on a CPU), so the optimizers' collectives run.
 --tiny shrinks every size (depth 2, short rows) but runs the same code. Writes OUT/gpu_check.md and
 OUT/gpu_check.json; exits 1 when a check fails. Needs torch, numpy, tiktoken, pyarrow, safetensors
@@ -33,7 +34,7 @@ import time
 import torch
 
 from nanochat.common import GPU_BF16_PEAK, autocast_ctx, measure_matmul_peak
-from nanochat.engine import KVCache
+from nanochat.engine import BatchScheduler, Engine, KVCache
 from nanochat.gpt import GPT, GPTConfig, config_for_depth
 from nanochat.tokenizer import RustBPETokenizer
 from nanochat.training import train_step
@@ -219,7 +220,7 @@ def check_d20(device, tiny, rows):
 
 def check_decode(device, tiny, rows):
     """The Engine's inner loop (model forward + KVCache) at d20: prefill, then one token per row per step."""
-    depth, vocab, prompt_len, new = (2, 1000, 32, 16) if tiny else (20, 32768, 1024, 128)
+    depth, vocab, prompt_len, new = (2, 2048, 32, 16) if tiny else (20, 32768, 1024, 128)  # >= the fixture tokenizer
     cuda = device.type == "cuda"
     config = config_for_depth(depth, vocab, 2048)
     model = random_model(config).to(device).eval()
@@ -250,6 +251,24 @@ def check_decode(device, tiny, rows):
                                  f"({prompt_len + new} positions, {cache.k[0].dtype})"))
             if b == 1:
                 rows.append(row(f"d{depth} prefill {prompt_len} tokens: tokens/s", prompt_len / prefill_s, None))
+    # the serving path: continuous batching's static decode step (compiled, CUDA graphs, on a GPU)
+    tokenizer = RustBPETokenizer.from_directory(FIXTURE_TOKENIZER)
+    with torch.no_grad():  # keep greedy decoding off the stop tokens, so every request runs its full length
+        model.lm_head.weight[[tokenizer.encode_special(t) for t in tokenizer.get_special_tokens()]] = 0
+    scheduler = BatchScheduler(Engine(model, tokenizer), slots=8, max_len=prompt_len + new + 8, autocast=autocast,
+                               compile="on" if cuda else "off")
+    ids = prompt[0].tolist()
+    for k in (1, 8):
+        for r in [scheduler.submit(ids, max_tokens=new, temperature=0) for _ in range(k)]:  # warm-up, compile
+            list(r)
+        sync(device)
+        t0 = time.perf_counter()
+        produced = sum(sum(1 for _ in r) for r in [scheduler.submit(ids, max_tokens=new, temperature=0) for _ in range(k)])
+        seconds = time.perf_counter() - t0
+        rows.append(row(f"d{depth} batched decode, {k} request(s): tokens/s", produced / seconds, None,
+                        note=f"BatchScheduler, {'compiled' if scheduler.compiled is not None else 'eager'} step; "
+                             f"{seconds / new * 1e3:.2f} ms/step"))
+    scheduler.close()
 
 
 def check_torchrun(device, tiny, rows):

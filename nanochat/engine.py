@@ -257,6 +257,7 @@ class BatchScheduler:
             compile = "off"  # on a CPU each (rows, span) shape costs seconds of compiling for little gain (bench.inference)
         self.compile_mode, self.compiled, self.thread = compile, None, None
         self.steps = 0
+        self.closing = False
 
     @property
     def slots(self):
@@ -275,7 +276,8 @@ class BatchScheduler:
         budget = self.max_len - len(tokens) if max_tokens is None else min(max_tokens, self.max_len - len(tokens))
         request = Request(tokens, num_samples, budget, (temperature, top_k, top_p), seed, tools)
         with self.cond:
-            if self.thread is None:
+            if self.thread is None or not self.thread.is_alive():
+                self.closing = False
                 self.thread = threading.Thread(target=self._loop, name="nanochat-batch", daemon=True)
                 self.thread.start()
             self.pending.append(request)
@@ -285,6 +287,16 @@ class BatchScheduler:
     def generate(self, tokens, **kwargs):
         """Engine.generate's interface, served by the shared batch."""
         return iter(self.submit(tokens, **kwargs))
+
+    def close(self):
+        """Stop the scheduler thread once the requests in flight are done (a process should not exit with it
+        inside torch: the OpenMP runtime aborts)."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
 
     # ---------------------------------------------------------------------------------------------
     # the scheduler thread: admit, step, hand out tokens
@@ -297,6 +309,8 @@ class BatchScheduler:
         while True:
             with self.cond:
                 while not self.pending and all(o is None for o in self.owner):
+                    if self.closing:
+                        return
                     self.cond.wait()
                 admitted = []
                 while self.pending and (self.pending[0].cancelled or self.pending[0].num_samples <= self.free_slots()):

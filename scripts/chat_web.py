@@ -633,6 +633,9 @@ def main(argv=None):
           f"serving {', '.join(origins)})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", limit_concurrency=args.limit_concurrency,
                 timeout_keep_alive=args.timeout_keep_alive)
+    for worker in workers:  # let the batch threads leave torch before the interpreter exits
+        if worker.scheduler is not None:
+            worker.scheduler.close()
 
 
 if __name__ == "__main__":

@@ -174,3 +174,15 @@ def test_compiled_decode_step(tokenizer):
             t.copy_(v)
         compiled = scheduler.compiled(3, 96)
     assert eager.std() > 0.1 and (compiled - eager).abs().max() < 1e-3 * eager.abs().max()
+
+
+def test_close_stops_the_thread_and_a_new_request_restarts_it(tokenizer):
+    engine = Engine(random_gpt(tokenizer, seed=5), tokenizer, calculator=lambda e: "0")
+    p = prompts(tokenizer)[0]
+    scheduler = BatchScheduler(engine, slots=2, max_len=96)
+    first = collect(scheduler.submit(p, max_tokens=5, temperature=0))
+    thread = scheduler.thread
+    scheduler.close()
+    assert not thread.is_alive() and scheduler.thread is None
+    assert collect(scheduler.submit(p, max_tokens=5, temperature=0)) == first
+    scheduler.close()
