@@ -5,9 +5,10 @@ They read real data from a full local copy: $NANOCHAT_LOCAL_DATA, else ../shared
 checkout. The small ones also run on the suite's tests/data (a note says so: fewer items, same code).
 """
 
-import gzip
 import os
 import sys
+
+from nanochat.common import open_text
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
@@ -31,5 +32,5 @@ def read_text(root, *parts):
     path = os.path.join(root, *parts)
     if not os.path.exists(path) and os.path.exists(path + ".gz"):
         path += ".gz"
-    with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+    with open_text(path) as f:
         return f.read()

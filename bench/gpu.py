@@ -274,7 +274,7 @@ def check_decode(device, tiny, rows):
 def check_torchrun(device, tiny, rows):
     """The real base_train under torchrun with one process: the process group (NCCL on CUDA) and the
     optimizers' collectives run, a checkpoint is written."""
-    from nanochat.dataset import prepare
+    from nanochat.text_shards import prepare
     base = tempfile.mkdtemp(prefix="nanochat-gpu-base-")
     try:
         prepare([PRETRAIN_TEXT], shard_chars=400_000, val_chars=50_000, out_dir=os.path.join(base, "base_data"))

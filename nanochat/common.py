@@ -62,9 +62,8 @@ def local_data_file(*parts):
     return path
 
 
-def open_local_text(*parts):
-    """A text handle (UTF-8) on local_data_file(*parts), decompressing a .gz file."""
-    path = local_data_file(*parts)
+def open_text(path):
+    """A UTF-8 text handle on `path`, decompressing it when it ends in .gz."""
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
 
 
@@ -158,6 +157,17 @@ def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def limit_side_thread(device):
+    """
+    Called at the start of a thread other than the main one that runs the model on a CPU: one intra-op
+    thread there. Such a thread's OpenMP team wakes up for every small parallel region, which made a
+    decode step 3-4x slower with 2 threads than with 1 on the 2-core machine (bench/README.md, serving).
+    """
+    import torch
+    if device.type == "cpu":
+        torch.set_num_threads(1)
 
 
 def autocast_ctx(device_type, dtype):

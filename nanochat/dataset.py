@@ -367,16 +367,6 @@ def download_shards(indices, base=None, workers=4, retries=5, backoff=0.5):
 
 
 # -------------------------------------------------------------------------------------------------
-# building shards from local text: nanochat/text_shards.py
-
-
-def prepare(inputs, shard_chars=100_000_000, val_chars=None, seed=0, out_dir=None):
-    """nanochat.text_shards.prepare, also reachable here (`python -m nanochat.dataset prepare`)."""
-    from nanochat import text_shards  # here, not at the top: text_shards imports this module for the shard names
-    return text_shards.prepare(inputs, shard_chars, val_chars, seed, out_dir)
-
-
-# -------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -406,6 +396,7 @@ def main(argv=None):
                     parser.error(f"--input {path}: no such file or folder")
             if args.shard_chars < 1 or (args.val_chars is not None and args.val_chars < 1):
                 parser.error("--shard-chars and --val-chars must be positive")
+            from nanochat.text_shards import prepare  # here, not at the top: text_shards imports this module
             prepare(args.input, args.shard_chars, args.val_chars, args.seed, args.out_dir)
             return
         if args.num_files is None or args.num_files < -1 or args.workers < 1 or args.retries < 1:

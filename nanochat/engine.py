@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.calculator import use_calculator
+from nanochat.common import limit_side_thread
 from nanochat.kv_cache import KVCache, SlotCache  # noqa: F401 (KVCache is part of this module's interface)
 
 
@@ -234,8 +235,8 @@ class BatchScheduler:
     cancelled request leaves its slots at once. Per-request temperature/top_k/top_p/seed/max_tokens and
     tool use work as in Engine.generate, and since every row's computation has the same shapes whatever
     else is in the batch, a request's tokens do not depend on its neighbours (seeded sampling included).
-    compile: torch.compile the decode step (CUDA graphs on a GPU), for "auto" only where a quick
-    measurement shows it faster; eager otherwise, and whenever compiling fails.
+    compile: torch.compile the decode step (CUDA graphs on a GPU); "auto": on CUDA only, and kept only if
+    a quick measurement shows it faster; eager otherwise, and whenever compiling fails.
     """
 
     def __init__(self, engine, slots=8, max_len=None, autocast=None, compile="off"):
@@ -244,9 +245,11 @@ class BatchScheduler:
         self.max_len = max_len or c.sequence_len
         self.device = self.model.get_device()
         self.cache = SlotCache(slots, c.n_kv_head, self.max_len, c.n_embd // c.n_head, c.n_layer, self.device)
-        self.owner = [None] * slots  # the Request holding each slot
-        self.row_of = [0] * slots  # which of its rows
-        self.length = [0] * slots  # each slot's cached positions, on the host (the device copy is cache.lengths)
+        # per slot, on the host: the Request holding it, its cached positions and the token it feeds next;
+        # the device copies (cache.lengths, feed) are written from these once per step
+        self.owner = [None] * slots
+        self.length = [0] * slots
+        self.next_input = [0] * slots
         self.feed = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self.pending = deque()
         self.cond = threading.Condition()
@@ -302,10 +305,7 @@ class BatchScheduler:
     # the scheduler thread: admit, step, hand out tokens
 
     def _loop(self):
-        if self.device.type == "cpu":
-            # a thread other than the main one pays for every intra-op parallel region (its own OpenMP team
-            # wakes up each time): one thread here decodes faster than two (bench/README.md, serving)
-            torch.set_num_threads(1)
+        limit_side_thread(self.device)
         while True:
             with self.cond:
                 while not self.pending and all(o is None for o in self.owner):
@@ -319,8 +319,8 @@ class BatchScheduler:
                         request.events.put(None)
                         continue
                     request.slots = [i for i, o in enumerate(self.owner) if o is None][:request.num_samples]
-                    for j, slot in enumerate(request.slots):
-                        self.owner[slot], self.row_of[slot] = request, j
+                    for slot in request.slots:
+                        self.owner[slot] = request
                     admitted.append(request)
             try:
                 with torch.inference_mode(), self.autocast:
@@ -347,17 +347,17 @@ class BatchScheduler:
         return self.model(self.feed[:n], kv_cache=self.cache)[:, -1, :]
 
     def _step(self):
-        # rows computed: the occupied prefix, rounded up to a power of two (a request takes the lowest free
-        # slot), so one request alone costs one row, and a compiled step has a few shapes, not one per count
-        # and the positions read: past the longest occupied slot, rounded up likewise (at least 64)
+        # the rows computed are the occupied prefix (a request takes the lowest free slots) and the positions
+        # read end past the longest of them, both rounded up to a power of two (positions: at least 64):
+        # one request alone costs one row, and a compiled step meets a few shapes, not one per count
         used = max(i for i, o in enumerate(self.owner) if o is not None) + 1
         n = min(self.slots, 1 << (used - 1).bit_length())
         span = min(self.max_len, max(64, 1 << max(self.length[:n]).bit_length()))
+        self.cache.lengths[:n] = torch.tensor(self.length[:n], device=self.device)
+        self.feed[:n, 0] = torch.tensor(self.next_input[:n], device=self.device)
         logits = self._run_step(n, span)
-        active = [o is not None for o in self.owner[:n]]
-        self.cache.lengths[:n] += torch.tensor(active, device=self.device).long()  # only occupied slots advance
-        for i, a in enumerate(active):
-            self.length[i] += a
+        for i in range(n):
+            self.length[i] += self.owner[i] is not None  # only occupied slots advance
         self.steps += 1
         for request in {o for o in self.owner if o is not None}:
             self._emit(request, logits[request.slots])
@@ -366,15 +366,14 @@ class BatchScheduler:
         """Sample each row of a request, advance its tool state, hand the column out; release it when done."""
         if request.cancelled:
             return self._release(request)
-        temperature, top_k, top_p = request.sampling
+        # one draw per row, each from its own generator (finished rows draw too, as in Engine.generate)
+        sampled = sample_next(logits, request.generators, *request.sampling).tolist()
         column, forced = [], []
-        for j, slot in enumerate(request.slots):
-            row = request.rows[j]
-            sampled = None if row.done else sample_next(logits[j:j + 1], [request.generators[j]], temperature, top_k, top_p).item()
-            token, was_forced = self.engine.next_token(row, sampled, request.tools)
+        for row, slot, token in zip(request.rows, request.slots, sampled):
+            token, was_forced = self.engine.next_token(row, token, request.tools)
             column.append(token)
             forced.append(was_forced)
-            self.feed[slot, 0] = token if token is not None else self.engine.tokenizer.get_bos_token_id()
+            self.next_input[slot] = token if token is not None else self.engine.tokenizer.get_bos_token_id()
         request.emitted += 1
         request.events.put((column, forced))
         if all(row.done for row in request.rows) or request.emitted >= request.max_tokens:
@@ -384,7 +383,7 @@ class BatchScheduler:
         for slot in request.slots:
             if self.owner[slot] is request:
                 self.owner[slot] = None
-                self.cache.lengths[slot] = self.length[slot] = 0
+                self.length[slot] = 0
         request.events.put(error)
 
     def _run_step(self, n, span):
@@ -401,7 +400,7 @@ class BatchScheduler:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             for _ in range(3):  # compile, warm up
                 compiled(n, span)
-            if mode == "auto" and _time(lambda: compiled(n, span)) > _time(lambda: self._decode(n, span)):
+            if mode == "auto" and _time(lambda: compiled(n, span), self.device) > _time(lambda: self._decode(n, span), self.device):
                 compiled = None
             self.compiled = compiled
             print(f"nanochat.engine: decode step {'compiled' if compiled is not None else 'eager (measured faster)'}")
@@ -413,15 +412,13 @@ class BatchScheduler:
             return self._decode(n, span)
 
 
-def _time(step, reps=5):
+def _time(step, device, reps=5):
     """Seconds per call of a decode step (best of reps)."""
     best = float("inf")
     for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         t0 = time.perf_counter()
         step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best

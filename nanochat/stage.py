@@ -219,7 +219,7 @@ class StopRequest:
     def requested(self, step, stop_after_step):
         """Whether the loop stops at this step: --stop-after-step reached, or a signal on any rank."""
         stopping = step == stop_after_step or self.signal is not None
-        if dist.is_available() and dist.is_initialized():  # a signal may reach the ranks at different steps
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # a signal may reach ranks at different steps
             flag = torch.tensor(int(stopping), device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stopping = bool(flag.item())

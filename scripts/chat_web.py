@@ -41,10 +41,10 @@ from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
+from nanochat.common import limit_side_thread
 from nanochat.engine import BatchScheduler, Engine, Utf8Stream
 from nanochat.text_completion import complete
 
@@ -445,8 +445,7 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat", origin
             loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
 
         def target():
-            if worker.engine.model.get_device().type == "cpu":
-                torch.set_num_threads(1)  # a non-main thread's OpenMP team costs more than it gains (see BatchScheduler)
+            limit_side_thread(worker.engine.model.get_device())
             try:
                 job(worker, emit, stop_event)
             except Cancelled:

@@ -2,7 +2,7 @@
 
 import json
 
-from tasks.common import MultipleChoiceTask, check_count, load_hub, local_data_file, mc_conversation, open_local_text, use_local
+from tasks.common import MultipleChoiceTask, check_count, load_hub, local_data_file, mc_conversation, open_text, use_local
 
 # hub counts; the local copy (shared/data, from GenMC) misses two ARC-Challenge test questions
 COUNTS = {("ARC-Easy", "train"): 2251, ("ARC-Easy", "validation"): 570, ("ARC-Easy", "test"): 2376,
@@ -20,14 +20,13 @@ class ARC(MultipleChoiceTask):
         self.rows = []
         if use_local():
             path = local_data_file("arc", subset, LOCAL_SPLIT_FILES[split])  # or .jsonl.gz
-            with open_local_text("arc", subset, LOCAL_SPLIT_FILES[split]) as f:
+            with open_text(path) as f:
                 for line in f:
                     r = json.loads(line)
                     q = r["question"]
                     self.rows.append((q["stem"], [c["text"] for c in q["choices"]], [c["label"] for c in q["choices"]],
                                       r["answerKey"]))
-            relpath = f"arc/{subset}/{LOCAL_SPLIT_FILES[split]}"
-            check_count(self.rows, LOCAL_COUNTS[(subset, split)], f"ARC {subset} {split}", path, relpath)
+            check_count(self.rows, LOCAL_COUNTS[(subset, split)], f"ARC {subset} {split}", path)
             if len(self.rows) == LOCAL_COUNTS[(subset, split)] != COUNTS[(subset, split)]:
                 print(f"note: the local ARC {subset} {split} has {len(self.rows)} questions, the hub "
                       f"{COUNTS[(subset, split)]} (two questions are missing from the local copy)")

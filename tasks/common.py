@@ -11,7 +11,7 @@ import json
 import os
 import random
 
-from nanochat.common import local_data_dir, local_data_file, open_local_text
+from nanochat.common import local_data_dir, local_data_file, open_text
 
 SUBSET_FILE = "subset.json"
 
@@ -152,15 +152,18 @@ def use_local():
     return local_data_dir() is not None
 
 
-def local_subset_rows(relpath):
+def local_subset_rows(path):
     """
     The row count that a deliberate subset of the data (a local folder with a subset.json, such as
-    tests/data) declares for one of its files or folders, or None: a full copy has none.
+    tests/data) declares for one of its files or folders (`path`, inside NANOCHAT_LOCAL_DATA; a .gz
+    twin counts as its plain name), or None: a full copy has no subset.json.
     """
     root = local_data_dir()
-    path = os.path.join(root, SUBSET_FILE) if root else None
-    if path is None or not os.path.exists(path):
+    subset = os.path.join(root, SUBSET_FILE) if root else None
+    if subset is None or not os.path.exists(subset):
         return None
+    relpath = os.path.relpath(path, root).replace(os.sep, "/").removesuffix(".gz")
+    path = subset
     try:
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)["rows"]
@@ -169,13 +172,13 @@ def local_subset_rows(relpath):
     return rows.get(relpath)
 
 
-def check_count(rows, expected, what, path, relpath=None):
+def check_count(rows, expected, what, path):
     """
     A loaded split must have its documented number of rows, or the number that a local subset
-    declares for it (relpath: the file's path inside NANOCHAT_LOCAL_DATA): either way a truncated
-    or wrong file is an error, not a silently smaller evaluation.
+    declares for it (path: the file or folder read): either way a truncated or wrong file is an
+    error, not a silently smaller evaluation.
     """
-    subset = local_subset_rows(relpath) if relpath is not None and use_local() else None
+    subset = local_subset_rows(path) if use_local() else None
     if subset is not None and subset != expected:
         print(f"note: {what} is a subset of {subset} rows (declared in {SUBSET_FILE}); the full split has {expected}")
         expected = subset
@@ -191,4 +194,4 @@ def load_hub(path, name=None, split=None):
 
 
 __all__ = ["Task", "TaskMixture", "TaskSequence", "MultipleChoiceTask", "render_mc", "mc_conversation",
-           "use_local", "local_data_file", "open_local_text", "check_count", "load_hub", "LETTERS"]
+           "use_local", "local_data_file", "open_text", "check_count", "load_hub", "LETTERS"]

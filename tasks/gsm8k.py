@@ -8,7 +8,7 @@ The final answer follows `####`.
 import json
 import re
 
-from tasks.common import Task, check_count, load_hub, local_data_file, open_local_text, use_local
+from tasks.common import Task, check_count, load_hub, local_data_file, open_text, use_local
 
 COUNTS = {"train": 7473, "test": 1319}
 ANNOTATION = re.compile(r"<<([^<>]*)=([^<>]*)>>")
@@ -65,12 +65,12 @@ class GSM8K(Task):
             raise ValueError(f"GSM8K subset/split {subset}/{split} unknown; use main/train|test")
         if use_local():
             path = local_data_file("gsm8k", f"{split}.jsonl")  # or .jsonl.gz
-            with open_local_text("gsm8k", f"{split}.jsonl") as f:
+            with open_text(path) as f:
                 self.rows = [json.loads(line) for line in f if line.strip()]
         else:
             path = "the hub"
             self.rows = [dict(r) for r in load_hub("openai/gsm8k", "main", split)]
-        check_count(self.rows, COUNTS[split], f"GSM8K {split}", path, f"gsm8k/{split}.jsonl")
+        check_count(self.rows, COUNTS[split], f"GSM8K {split}", path)
 
     def num_examples(self):
         return len(self.rows)

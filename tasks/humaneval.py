@@ -32,7 +32,7 @@ class HumanEval(Task):
         else:
             path = "the hub"
             self.rows = [dict(r) for r in load_hub("openai/openai_humaneval", None, "test")]
-        check_count(self.rows, COUNT, "HumanEval", path, "humaneval/HumanEval.jsonl.gz")
+        check_count(self.rows, COUNT, "HumanEval", path)
 
     def num_examples(self):
         return len(self.rows)

@@ -42,8 +42,7 @@ class MMLU(MultipleChoiceTask):
                 for name in sorted(os.listdir(extra)):
                     if name.endswith(".csv"):
                         self.rows += read_headered_csv(os.path.join(extra, name), name.rsplit("_", 1)[0])
-            check_count(self.rows, LOCAL_COUNTS[(subset, split)], f"MMLU {subset} {split}", folder,
-                        f"mmlu/{LOCAL_DIRS[split]}")
+            check_count(self.rows, LOCAL_COUNTS[(subset, split)], f"MMLU {subset} {split}", folder)
             if split == "train" and len(self.rows) == LOCAL_COUNTS[(subset, split)]:
                 print(f"note: the local MMLU auxiliary_train has {len(self.rows)} of its {COUNTS[(subset, split)]} rows")
         else:

@@ -8,11 +8,12 @@ README.md), so a fresh clone passes on its own. A few tests need the full data: 
 those with `-m large_data`.
 """
 
-import gzip
 import json
 import os
 
 import pytest
+
+from nanochat.common import open_text
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_DATA = os.path.join(REPO_ROOT, "tests", "data")
@@ -35,8 +36,7 @@ def data_path(*parts):
 
 def read_text(*parts, max_chars=None):
     """The text of a tests/data file (decompressed), or its first max_chars characters."""
-    path = data_path(*parts)
-    with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+    with open_text(data_path(*parts)) as f:
         return f.read(max_chars)
 
 

@@ -376,7 +376,7 @@ def test_load_missing(tmp_path):
 
 def make_shards(base_dir):
     """A few small shards of real text where nanochat.dataset looks for them, built by its own `prepare`."""
-    from nanochat.dataset import prepare
+    from nanochat.text_shards import prepare
     pretrain = os.path.join(TEST_DATA, "pretrain")
     prepare([os.path.join(pretrain, "tinyshakespeare", "input.txt.gz"), os.path.join(pretrain, "wiki_demo")],
             shard_chars=300_000, val_chars=50_000, out_dir=os.path.join(base_dir, "base_data"))

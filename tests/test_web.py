@@ -47,13 +47,13 @@ class SlowScripted(ScriptedModel):
         return super().forward(idx, kv_cache)
 
 
-def scripted_worker(tokenizer, text, delay=0.0, repeat=1, context=4096):
+def scripted_worker(tokenizer, text, delay=0.0, repeat=1, context=4096, slots=1):
     """A stub replying `text` (one byte token a step); it claims a `context` the server's token limits check against."""
     ranks = tokenizer.get_mergeable_ranks()
     script = [ranks[bytes([b])] for b in text.encode("utf-8")] * repeat + [tokenizer.encode_special("<|assistant_end|>")]
     model = SlowScripted(tokenizer.get_vocab_size(), script, script[-1:], output_end=-1, delay=delay)
     model.config.sequence_len = context
-    return Worker(0, Engine(model, tokenizer, calculator=lambda e: "0"), tokenizer)
+    return Worker(0, Engine(model, tokenizer, calculator=lambda e: "0"), tokenizer, slots=slots)
 
 
 def chat(messages, **kw):
@@ -254,9 +254,9 @@ def test_continuous_batching_serves_each_request_as_if_alone(tokenizer):
 
 
 def test_a_disconnect_frees_its_batch_slot(tokenizer):
-    worker = random_worker(tokenizer, 0, slots=2)
-    with Server(create_app([worker], Limits(max_queue=4))) as server:
-        body = chat(HELLO, max_tokens=50, temperature=1.0, seed=3)
+    worker = scripted_worker(tokenizer, "slow reply ", delay=0.05, repeat=200, slots=2)  # 2000 tokens: 100 s
+    with Server(create_app([worker], Limits(max_queue=4, max_tokens=4096))) as server:
+        body = chat(HELLO, max_tokens=2000, temperature=0)
         with httpx.Client(timeout=30) as c, c.stream("POST", server.url + "/chat/completions", json=body) as r:
             lines = r.iter_lines()
             next(lines)
@@ -266,6 +266,7 @@ def test_a_disconnect_frees_its_batch_slot(tokenizer):
                 break
             time.sleep(0.05)
         assert worker.scheduler.free_slots() == 2 and httpx.get(server.url + "/stats").json()["busy"] == 0
+        assert worker.scheduler.steps < 100  # stopped at the disconnect, not after its 2000 tokens
 
 
 def chromium_driver():
