@@ -8,7 +8,7 @@ and UTF-8-safe streaming. The chat CLI, the web server, chat evals and RL all ge
     rows, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=256)
 
 How a call runs: the prompt is prefilled once (batch 1); its cache is replicated for num_samples rows;
-then each step feeds one token per row. Every row samples with its own generator (seed + row), so
+then each step feeds one token per row. Every row samples with its own random stream (seed + row), so
 rows differ from their first token on, and row i of a batch equals a lone run seeded seed + i.
 Rows stop at <|assistant_end|> or <|bos|>. Tool use: when a row closes <|python_start|>EXPR
 <|python_end|>, the calculator evaluates EXPR and <|output_start|>RESULT<|output_end|> is forced into
@@ -24,6 +24,7 @@ alone (the per-row work has the same shapes whatever else is in the batch).
 """
 
 import queue
+import random
 import threading
 import time
 from collections import deque
@@ -37,29 +38,59 @@ from nanochat.common import limit_side_thread
 from nanochat.kv_cache import KVCache, SlotCache  # noqa: F401 (KVCache is part of this module's interface)
 
 
-def sample_next(logits, generators, temperature=1.0, top_k=None, top_p=None):
+def sample_next(logits, rngs, temperature=1.0, top_k=None, top_p=None):
     """
-    logits (B, V) -> (B,) token ids. temperature 0 = greedy. top_k None or 0 = no cut; top_k larger
-    than the vocabulary is clamped to it. top_p (nucleus) keeps the smallest set of likeliest tokens
-    whose probability reaches top_p (None or 1 = all). Each row draws from its own generator.
+    logits (B, V) -> (B,) token ids, every row sampled in the same few batched ops. temperature, top_k and
+    top_p are one value for all rows or one per row. temperature 0 = greedy. top_k None or 0 = no cut;
+    larger than the vocabulary is clamped to it. top_p (nucleus) keeps the smallest set of likeliest
+    tokens whose probability reaches top_p (None or 1 = all). rngs: one random.Random per row (None for a
+    greedy row); each sampled row draws one uniform number from its own and picks the token where it
+    falls in the row's cumulative distribution. Every op works row by row, so a row's token depends only
+    on its own logits, settings and rng, never on the other rows (continuous batching relies on it).
     """
-    if temperature < 0:
+    B, V = logits.shape
+    temps, ks, ps = (_per_row(v, B, name) for v, name in ((temperature, "temperature"), (top_k, "top_k"), (top_p, "top_p")))
+    if any(t is None or t < 0 for t in temps):
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        k = min(top_k, logits.size(-1))
-        kth = torch.topk(logits, k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
+    greedy = logits.argmax(dim=-1)
+    if all(t == 0 for t in temps):
+        return greedy
+    device = logits.device
+    x = logits.float() / torch.tensor([t if t > 0 else 1.0 for t in temps], device=device)[:, None]
+    ks = [min(k, V) if k else V for k in ks]
+    if min(ks) < V:  # cut each row below its k-th largest logit (ties stay); rows without a cut keep all
+        kmax = max(k for k in ks if k < V)
+        top = torch.topk(x, kmax, dim=-1).values
+        kth = top.gather(1, torch.tensor([min(k, kmax) - 1 for k in ks], device=device)[:, None])
+        kth = kth.masked_fill(torch.tensor([k == V for k in ks], device=device)[:, None], float("-inf"))
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = F.softmax(x, dim=-1)
+    if any(p is not None and p < 1.0 for p in ps):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the tokens before it already reach top_p (the first token always stays)
-        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        # drop a token when the tokens before it already reach top_p (the first token always stays); rows
+        # without top_p get an unreachable bound, so their probabilities come back unchanged
+        bound = torch.tensor([p if p is not None and p < 1.0 else float("inf") for p in ps], device=device)[:, None]
+        sorted_probs = sorted_probs.masked_fill((sorted_probs.cumsum(dim=-1) - sorted_probs) >= bound, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).view(1) for i, g in enumerate(generators)])
+    cdf = probs.cumsum(dim=-1)
+    u = torch.tensor([rng.random() if t > 0 else 0.0 for rng, t in zip(rngs, temps)], device=device)
+    drawn = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True).view(B).clamp_(max=V - 1)
+    if any(t == 0 for t in temps):
+        drawn = torch.where(torch.tensor([t == 0 for t in temps], device=device), greedy, drawn)
+    return drawn
+
+
+def _per_row(value, rows, name):
+    if isinstance(value, (list, tuple)):
+        if len(value) != rows:
+            raise ValueError(f"{name}: {len(value)} values for {rows} rows")
+        return list(value)
+    return [value] * rows
+
+
+def row_rngs(seed, rows):
+    """The per-row random streams of sample_next: row i is seeded seed + i (a lone run seeded seed + i equals it)."""
+    return [random.Random(seed + i) for i in range(rows)]
 
 
 class RowState:
@@ -139,7 +170,7 @@ class Engine:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         device = self.model.get_device()
-        generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(num_samples)]
+        rngs = row_rngs(seed, num_samples)
         budget = max_tokens if max_tokens is not None else self.model.config.sequence_len
         # one prefill of the prompt, then its cache replicated for every row
         prefill_cache = self._new_cache(1, len(tokens))
@@ -148,7 +179,7 @@ class Engine:
         cache = prefill_cache.replicate(num_samples, len(tokens) + budget) if num_samples > 1 else prefill_cache
         rows = [RowState() for _ in range(num_samples)]
         for _ in range(budget):
-            sampled = sample_next(logits, generators, temperature, top_k, top_p).tolist()
+            sampled = sample_next(logits, rngs, temperature, top_k, top_p).tolist()
             column, forced = [], []
             for row, token in zip(rows, sampled):
                 token, was_forced = self.next_token(row, token, tools)
@@ -200,22 +231,39 @@ class Engine:
 # continuous batching: many requests share one decode step over a fixed pool of cache slots
 
 class Request:
-    """One submitted prompt (num_samples rows). Iterating yields (column, forced) like Engine.generate."""
+    """
+    One submitted prompt (num_samples rows). Iterating yields (column, forced) like Engine.generate. With
+    on_event, the scheduler thread instead calls on_event((column, forced)) for every step, then
+    on_event(None) at the end or on_event(exception) on a failure; it must be quick (it runs between
+    decode steps) and must not block. Cancel when no longer interested.
+    """
 
-    def __init__(self, tokens, num_samples, max_tokens, sampling, seed, tools):
+    def __init__(self, tokens, num_samples, max_tokens, sampling, seed, tools, on_event=None):
         self.tokens, self.num_samples, self.max_tokens = tokens, num_samples, max_tokens
         self.sampling, self.tools = sampling, tools  # sampling: (temperature, top_k, top_p)
         self.rows = [RowState() for _ in range(num_samples)]
-        self.generators = [None] * num_samples
-        self.seed, self.slots, self.emitted = seed, [], 0
-        self.events = queue.Queue()
+        self.rngs = row_rngs(seed, num_samples)
+        self.slots, self.emitted = [], 0
+        self.events = queue.Queue() if on_event is None else None
+        self.on_event = on_event
         self.cancelled = False
+
+    def deliver(self, event):
+        if self.on_event is None:
+            return self.events.put(event)
+        try:
+            self.on_event(event)
+        except Exception as e:  # a consumer's bug ends its own request, not the scheduler
+            print(f"nanochat.engine: a request's on_event failed ({type(e).__name__}: {e}); cancelling it")
+            self.cancel()
 
     def cancel(self):
         """Stop generating (a client went away): the slots are freed at the next step."""
         self.cancelled = True
 
     def __iter__(self):
+        if self.events is None:
+            raise TypeError("a request submitted with on_event is not iterable")
         try:
             while True:
                 event = self.events.get()
@@ -250,6 +298,7 @@ class BatchScheduler:
         self.owner = [None] * slots
         self.length = [0] * slots
         self.next_input = [0] * slots
+        self.rng = [None] * slots  # the random stream of the request row in the slot
         self.feed = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self.pending = deque()
         self.cond = threading.Condition()
@@ -269,7 +318,8 @@ class BatchScheduler:
     def free_slots(self):
         return sum(o is None for o in self.owner)
 
-    def submit(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42, tools=True):
+    def submit(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42, tools=True,
+               on_event=None):
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("submit takes a non-empty list of int token ids")
         if not 1 <= num_samples <= self.slots:
@@ -277,7 +327,9 @@ class BatchScheduler:
         if len(tokens) >= self.max_len:
             raise ValueError(f"the prompt has {len(tokens)} tokens; the cache holds {self.max_len}")
         budget = self.max_len - len(tokens) if max_tokens is None else min(max_tokens, self.max_len - len(tokens))
-        request = Request(tokens, num_samples, budget, (temperature, top_k, top_p), seed, tools)
+        if temperature is None or temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        request = Request(tokens, num_samples, budget, (temperature, top_k, top_p), seed, tools, on_event)
         with self.cond:
             if self.thread is None or not self.thread.is_alive():
                 self.closing = False
@@ -316,7 +368,7 @@ class BatchScheduler:
                 while self.pending and (self.pending[0].cancelled or self.pending[0].num_samples <= self.free_slots()):
                     request = self.pending.popleft()
                     if request.cancelled:
-                        request.events.put(None)
+                        request.deliver(None)
                         continue
                     request.slots = [i for i, o in enumerate(self.owner) if o is None][:request.num_samples]
                     for slot in request.slots:
@@ -336,17 +388,20 @@ class BatchScheduler:
         tokens = request.tokens
         prefix = KVCache(1, self.cache.shape[1], len(tokens), self.cache.shape[3], self.cache.num_layers)
         logits = self.model(torch.tensor([tokens], dtype=torch.long, device=self.device), kv_cache=prefix)[:, -1, :]
-        for j, slot in enumerate(request.slots):
+        for slot, rng in zip(request.slots, request.rngs):
             self.cache.load(slot, prefix, len(tokens))
-            self.length[slot] = len(tokens)
-            request.generators[j] = torch.Generator(device=self.device).manual_seed(request.seed + j)
-        self._emit(request, logits.expand(request.num_samples, -1))
+            self.length[slot], self.rng[slot] = len(tokens), rng
+        self._emit(request, sample_next(logits.expand(request.num_samples, -1), request.rngs, *request.sampling).tolist())
 
     def _decode(self, n, span):
         self.cache.begin_step(n, span)
         return self.model(self.feed[:n], kv_cache=self.cache)[:, -1, :]
 
     def _step(self):
+        for request in {o for o in self.owner if o is not None and o.cancelled}:
+            self._release(request)  # before the step: a cancelled request's rows are not computed
+        if all(o is None for o in self.owner):
+            return
         # the rows computed are the occupied prefix (a request takes the lowest free slots) and the positions
         # read end past the longest of them, both rounded up to a power of two (positions: at least 64):
         # one request alone costs one row, and a compiled step meets a few shapes, not one per count
@@ -359,15 +414,15 @@ class BatchScheduler:
         for i in range(n):
             self.length[i] += self.owner[i] is not None  # only occupied slots advance
         self.steps += 1
-        for request in {o for o in self.owner if o is not None}:
-            self._emit(request, logits[request.slots])
+        # every row sampled in one call, each with its request's settings and its own rng (free slots: greedy,
+        # no draw); a request's finished rows draw too, as in Engine.generate, so its rngs stay in step
+        temperature, top_k, top_p = zip(*(o.sampling if o is not None else (0.0, None, None) for o in self.owner[:n]))
+        sampled = sample_next(logits, self.rng[:n], list(temperature), list(top_k), list(top_p)).tolist()
+        for request in sorted({o for o in self.owner if o is not None}, key=lambda r: r.slots[0]):
+            self._emit(request, [sampled[slot] for slot in request.slots])
 
-    def _emit(self, request, logits):
-        """Sample each row of a request, advance its tool state, hand the column out; release it when done."""
-        if request.cancelled:
-            return self._release(request)
-        # one draw per row, each from its own generator (finished rows draw too, as in Engine.generate)
-        sampled = sample_next(logits, request.generators, *request.sampling).tolist()
+    def _emit(self, request, sampled):
+        """Advance a request's rows' tool state with their sampled tokens, hand the column out; release it when done."""
         column, forced = [], []
         for row, slot, token in zip(request.rows, request.slots, sampled):
             token, was_forced = self.engine.next_token(row, token, request.tools)
@@ -375,16 +430,15 @@ class BatchScheduler:
             forced.append(was_forced)
             self.next_input[slot] = token if token is not None else self.engine.tokenizer.get_bos_token_id()
         request.emitted += 1
-        request.events.put((column, forced))
+        request.deliver((column, forced))
         if all(row.done for row in request.rows) or request.emitted >= request.max_tokens:
             self._release(request)
 
     def _release(self, request, error=None):
         for slot in request.slots:
             if self.owner[slot] is request:
-                self.owner[slot] = None
-                self.length[slot] = 0
-        request.events.put(error)
+                self.owner[slot], self.length[slot], self.rng[slot] = None, 0, None
+        request.deliver(error)
 
     def _run_step(self, n, span):
         """The decode step, compiled on the first call when asked (and, for "auto", kept only if faster)."""

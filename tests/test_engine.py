@@ -1,12 +1,14 @@
 """The engine: KV-cached decoding vs the no-cache reference, row independence, tool use, UTF-8 streaming."""
 
+import math
 import os
+import random
 
 import pytest
 import torch
 
 from conftest import shakespeare
-from nanochat.engine import Engine, KVCache, Utf8Stream, sample_next
+from nanochat.engine import Engine, KVCache, Utf8Stream, row_rngs, sample_next
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -87,7 +89,7 @@ def test_rows_from_one_prefill_equal_separate_runs(tokenizer):
 
 def test_sampling_edge_cases():
     logits = torch.tensor([[0.0, 5.0, 1.0, 2.0]])
-    g = [torch.Generator().manual_seed(0)]
+    g = row_rngs(0, 1)
     assert sample_next(logits, g, temperature=0).tolist() == [1]
     assert sample_next(logits, g, temperature=1.0, top_k=1).tolist() == [1]  # top-1 = greedy
     for top_k in (0, None, 4, 1000):  # 0/None = no cut; larger than the vocabulary is clamped
@@ -99,6 +101,53 @@ def test_sampling_edge_cases():
     assert draws == {1}
     draws = {sample_next(logits, g, temperature=1.0, top_p=0.95).item() for _ in range(400)}
     assert draws == {1, 3}
+
+
+def reference_distribution(logits, temperature, top_k=None, top_p=None):
+    """The distribution sample_next should draw from, computed in plain Python from its definition."""
+    x = [v / temperature for v in logits]
+    if top_k:
+        kth = sorted(x, reverse=True)[min(top_k, len(x)) - 1]
+        x = [v if v >= kth else float("-inf") for v in x]
+    z = sum(math.exp(v) for v in x)
+    probs = [math.exp(v) / z for v in x]
+    if top_p is not None and top_p < 1:
+        order, seen, keep = sorted(range(len(x)), key=lambda i: -probs[i]), 0.0, set()
+        for i in order:
+            if seen >= top_p:
+                break
+            keep.add(i)
+            seen += probs[i]
+        probs = [p if i in keep else 0.0 for i, p in enumerate(probs)]
+        probs = [p / sum(probs) for p in probs]
+    return probs
+
+
+def test_batched_sampler_rows_match_alone_and_the_reference_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    # one row per setting, all sampled in one call: greedy, top_k, top_p, both, plain
+    settings = [(0.0, None, None), (0.7, 3, None), (1.3, None, 0.8), (1.0, 5, 0.6), (1.0, None, None)]
+    temps, ks, ps = (list(v) for v in zip(*settings))
+    batch_rngs = [random.Random(10 + i) for i in range(len(settings))]
+    lone_rngs = [random.Random(10 + i) for i in range(len(settings))]
+    counts = [[0] * 12 for _ in settings]
+    draws = 4000
+    for _ in range(draws):
+        together = sample_next(logits.expand(len(settings), -1), batch_rngs, temps, ks, ps).tolist()
+        for i, (t, k, p) in enumerate(settings):  # the same row alone, its rng in the same state
+            assert sample_next(logits, [lone_rngs[i]], t, k, p).item() == together[i]
+            counts[i][together[i]] += 1
+    assert counts[0][logits.argmax().item()] == draws  # greedy
+    for i, (t, k, p) in enumerate(settings[1:], start=1):
+        want = reference_distribution(logits[0].tolist(), t, k, p)
+        for token, (c, q) in enumerate(zip(counts[i], want)):
+            if q == 0:
+                assert c == 0, f"row {i} drew token {token}, which its settings exclude"
+            else:  # 5 standard deviations of a binomial count
+                assert abs(c / draws - q) <= 5 * math.sqrt(q * (1 - q) / draws) + 1e-9, (i, token, c / draws, q)
+    with pytest.raises(ValueError):
+        sample_next(logits.expand(2, -1), row_rngs(0, 2), [1.0], None, None)  # one value for two rows
 
 
 class ScriptedModel(torch.nn.Module):
