@@ -207,6 +207,12 @@ def test_rl_raises_a_toy_reward(tiny):
     candidates = [t for t in range(tok.get_vocab_size()) if t not in special]
     chosen = min(candidates, key=lambda t: abs(probs[t].item() - 0.06))  # a token the model rarely emits first
     optimizers = model.setup_optimizers(unembedding_lr=0.02, embedding_lr=0.2, matrix_lr=0.02)
+    # before training the reward is rare: ~0.12 expected over 2 tokens; measured over 64 rollouts, not 16
+    before = []
+    for seed in range(4):
+        seqs, _, _ = rollout(engine, prompt, num_samples=16, max_tokens=2, temperature=1.0, seed=1000 + 16 * seed)
+        before += [float(chosen in s[len(prompt):]) for s in seqs]
+    assert sum(before) / len(before) <= 0.25, before
     history = []
     for step in range(40):
         seqs, masks, _ = rollout(engine, prompt, num_samples=16, max_tokens=2, temperature=1.0, seed=100 * step)
@@ -217,7 +223,6 @@ def test_rl_raises_a_toy_reward(tiny):
         if len(history) >= 5 and sum(history[-5:]) / 5 >= 0.9:
             break
     print("toy reward by step:", history)
-    assert history[0] <= 0.2, history
     assert sum(history[-5:]) / 5 >= 0.8, history
 
 
