@@ -13,7 +13,9 @@ A pool of workers, one model replica each (one per GPU; one on CPU), each servin
 share one decode step; a new one joins at the next step; --batch-slots 1 serves one request at a
 time). A request waits for a free slot in a bounded queue; when the queue is full, or no slot comes
 free in time, the answer is 503 — always before a streaming response starts, never a hang.
-Generation is driven from a thread per request and streams tokens to the response; a client that
+With batching, the scheduler's thread turns each decode step into text for every request and hands
+it to the event loop in one wake-up; with one request at a time, a thread per request drives the
+Engine. A client that falls behind gets the text that is ready in one chunk; a client that
 disconnects stops its generation and frees its slot. Every request is validated with a specific 4xx message, in tokens where the model counts in
 tokens: prompt + max_tokens must fit the model's context. top_p is nucleus sampling; `n` > 1
 samples n rows from one prefill (non-streaming only); `stop` strings end a reply and are cut from
@@ -37,6 +39,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -265,6 +268,8 @@ def body_stop(body):
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
         raise APIError(400, "'stop' must be a string or a list of at most 4 non-empty strings")
+    if any(len(x) > 200 for x in stop):
+        raise APIError(400, "a 'stop' string may have at most 200 characters")
     return stop
 
 
@@ -312,6 +317,13 @@ def validate(body, limits, openai, tokenizer, context):
     }
     if options["stream"] and options["n"] > 1:
         raise APIError(400, "streaming supports n = 1 only")
+    stream_options = body.get("stream_options")
+    if stream_options is not None:  # OpenAI's: {"include_usage": true} adds a last chunk with the token counts
+        if not options["stream"] or not openai:
+            raise APIError(400, "'stream_options' is only allowed with stream: true")
+        if not isinstance(stream_options, dict):
+            raise APIError(400, "'stream_options' must be an object")
+        options["include_usage"] = body_flag(stream_options, "include_usage")
     try:  # the role order, and the length in tokens, before any response starts
         prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
     except ValueError as e:
@@ -362,49 +374,123 @@ def validate_completion(body, limits, tokenizer, context):
     return ids, options
 
 
-def generate_in_thread(worker, prompt, options, emit, stop_event):
-    """Runs in a worker thread: emit(kind, payload) for 'text', then once 'end' (finish_reason, counts)."""
-    tok = worker.tokenizer
+class ReplyStream:
+    """
+    Generated columns -> text events: emit('text', (row, piece)) with UTF-8-safe pieces, `stop` strings
+    cut, then once emit('end', {texts, finish, prompt_tokens, completion_tokens}).
+    """
+
+    def __init__(self, worker, prompt, options, emit):
+        self.tok, self.stop_ids, self.emit = worker.tokenizer, worker.engine.stop_ids, emit
+        self.stop_strings, self.prompt_tokens = options["stop"], len(prompt)
+        n = options["n"]
+        self.streams = [Utf8Stream(self.tok) for _ in range(n)]
+        self.texts, self.finished, self.completion_tokens = [""] * n, [None] * n, 0
+        self.sent = [0] * n  # characters of each text already emitted
+        self.longest_stop = max((len(s) for s in self.stop_strings), default=0)
+
+    def push(self, column):
+        """One step's tokens (None for a finished row). Returns True once every row has finished."""
+        for i, token in enumerate(column):
+            if token is None or self.finished[i]:
+                continue
+            self.completion_tokens += 1
+            if token in self.stop_ids:
+                self.finished[i] = "stop"
+                continue
+            piece = self.streams[i].push(token)
+            if not piece:
+                continue
+            text = self.texts[i] + piece
+            # a stop string may end in this piece and start before it: search from where it could start
+            start = max(0, len(self.texts[i]) - self.longest_stop + 1)
+            hits = [text.find(s, start) for s in self.stop_strings]
+            hits = [h for h in hits if h >= 0]
+            if hits:
+                text, self.finished[i] = text[:min(hits)], "stop"
+                ready = len(text)
+            else:  # hold back a tail that could still grow into a stop string
+                ready = len(text) - max((k for s in self.stop_strings for k in range(len(s) - 1, 0, -1)
+                                          if text.endswith(s[:k])), default=0)
+            self.texts[i] = text
+            self._send(i, ready)
+        return all(self.finished)
+
+    def _send(self, i, upto):
+        if upto > self.sent[i]:
+            self.emit("text", (i, self.texts[i][self.sent[i]:upto]))
+            self.sent[i] = upto
+
+    def end(self):
+        for i, stream in enumerate(self.streams):
+            if not self.finished[i]:
+                self.texts[i] += stream.flush()
+            self._send(i, len(self.texts[i]))  # what was held back for a stop string that never came
+        self.emit("end", {"texts": self.texts, "finish": [f or "length" for f in self.finished],
+                          "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens})
+
+
+def sampling_options(options):
     seed = options["seed"] if options["seed"] is not None else int.from_bytes(os.urandom(4), "little")
-    n = options["n"]
-    streams = [Utf8Stream(tok) for _ in range(n)]
-    texts = [""] * n
-    finished = [None] * n
-    completion_tokens = 0
-    steps = worker.generator.generate(prompt, num_samples=n, max_tokens=options["max_tokens"],
-                                      temperature=options["temperature"], top_k=options["top_k"] or None,
-                                      top_p=options["top_p"], seed=seed)
+    return dict(num_samples=options["n"], max_tokens=options["max_tokens"], temperature=options["temperature"],
+                top_k=options["top_k"] or None, top_p=options["top_p"], seed=seed)
+
+
+def generate_in_thread(worker, prompt, options, emit, stop_event):
+    """One request at a time (the Engine, in a worker thread): emit 'text' events, then once 'end'."""
+    reply = ReplyStream(worker, prompt, options, emit)
+    steps = worker.generator.generate(prompt, **sampling_options(options))
     with worker.autocast, closing(steps):  # closing: a stop or disconnect frees a batch slot at once
         for column, _ in steps:
-            if stop_event.is_set():
+            if stop_event.is_set() or reply.push(column):
                 break
-            for i, token in enumerate(column):
-                if token is None or finished[i]:
-                    continue
-                completion_tokens += 1
-                if token in worker.engine.stop_ids:
-                    finished[i] = "stop"
-                    continue
-                piece = streams[i].push(token)
-                texts[i] += piece
-                hit = next((s for s in options["stop"] if s in texts[i]), None)
-                if hit:
-                    cut = texts[i].index(hit)
-                    piece = piece[:max(0, len(piece) - (len(texts[i]) - cut))]
-                    texts[i] = texts[i][:cut]
-                    finished[i] = "stop"
-                if piece:
-                    emit("text", (i, piece))
-            if all(finished):
-                break
-    for i in range(n):
-        if not finished[i]:
-            tail = streams[i].flush()
-            if tail:
-                texts[i] += tail
-                emit("text", (i, tail))
-    emit("end", {"texts": texts, "finish": [f or "length" for f in finished],
-                 "prompt_tokens": len(prompt), "completion_tokens": completion_tokens})
+    reply.end()
+
+
+def generate_on_scheduler(worker, prompt, options, emit, done):
+    """
+    Continuous batching without a thread per request: the scheduler thread turns each step into text events
+    (ReplyStream, a few microseconds) and calls done(error) once at the end. Returns the engine Request
+    (cancel() it to stop).
+    """
+    reply = ReplyStream(worker, prompt, options, emit)
+    finished = [False]
+
+    def on_event(event):
+        if finished[0]:
+            return
+        if event is None or isinstance(event, BaseException):
+            finished[0] = True
+            if event is None:
+                reply.end()
+            return done(event)
+        if reply.push(event[0]):
+            request.cancel()  # every row has stopped (a stop string): free the slots; the end follows
+
+    request = worker.scheduler.submit(prompt, on_event=on_event, **sampling_options(options))
+    return request
+
+
+class Mailbox:
+    """Calls from other threads into the event loop, waking it once per burst (a decode step hands out one event
+    per request) instead of once per call."""
+
+    def __init__(self, loop):
+        self.loop, self.calls, self.lock, self.waking = loop, [], threading.Lock(), False
+
+    def post(self, fn, *args):
+        with self.lock:
+            self.calls.append((fn, args))
+            if self.waking:
+                return
+            self.waking = True
+        self.loop.call_soon_threadsafe(self._run)
+
+    def _run(self):
+        with self.lock:
+            calls, self.calls, self.waking = self.calls, [], False
+        for fn, args in calls:
+            fn(*args)
 
 
 def create_app(workers, limits=None, api_key=None, model_name="nanochat", origins=None):
@@ -419,6 +505,7 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat", origin
     ui_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
     tokenizer, context = workers[0].tokenizer, workers[0].engine.model.config.sequence_len
     expected_key = f"Bearer {api_key}".encode() if api_key is not None else None
+    mailbox = [None]  # made in the server's event loop
 
     def check_key(request):
         given = request.headers.get("authorization", "").encode("latin-1")  # starlette decoded it as latin-1
@@ -438,11 +525,14 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat", origin
         """
         worker = await pool.acquire()
         loop = asyncio.get_running_loop()
+        if mailbox[0] is None or mailbox[0].loop is not loop:
+            mailbox[0] = Mailbox(loop)
+        post = mailbox[0].post
         queue = asyncio.Queue()
         stop_event = threading.Event()
 
         def emit(kind, payload):
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+            post(queue.put_nowait, (kind, payload))
 
         def target():
             limit_side_thread(worker.engine.model.get_device())
@@ -456,22 +546,48 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat", origin
             finally:
                 loop.call_soon_threadsafe(pool.release, worker)
 
-        threading.Thread(target=target, daemon=True).start()
+        on_scheduler = getattr(job, "on_scheduler", None)
+        if worker.scheduler is not None and on_scheduler is not None:
+            def done(error):
+                if error is not None:
+                    log.error("generation failed", exc_info=error)
+                    emit("error", INTERNAL_ERROR)
+                post(pool.release, worker)
+            try:
+                handle = on_scheduler(worker, emit, done)
+            except BaseException:
+                pool.release(worker)
+                raise
+            stop = handle.cancel  # the scheduler frees the slots at its next step, then calls done
+        else:
+            threading.Thread(target=target, daemon=True).start()
+            stop = stop_event.set  # the thread frees the worker
 
         async def events():
+            ahead = deque()
             try:
                 while True:
-                    try:
-                        kind, payload = await asyncio.wait_for(queue.get(), timeout=0.5)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            return
-                        continue
+                    if not ahead:
+                        try:
+                            ahead.append(await asyncio.wait_for(queue.get(), timeout=0.5) if queue.empty()
+                                         else queue.get_nowait())
+                        except asyncio.TimeoutError:
+                            if await request.is_disconnected():
+                                return
+                            continue
+                        while not queue.empty():
+                            ahead.append(queue.get_nowait())
+                    kind, payload = ahead.popleft()
+                    if kind == "text":  # a client that fell behind gets what is ready in one piece, not a chunk per token
+                        row, piece = payload
+                        while ahead and ahead[0][0] == "text" and ahead[0][1][0] == row:
+                            piece += ahead.popleft()[1][1]
+                        payload = (row, piece)
                     yield kind, payload
                     if kind in ("end", "error"):
                         return
             finally:
-                stop_event.set()  # a disconnect (or any exit) stops the generation; the thread frees the worker
+                stop()  # a disconnect (or any exit) stops the generation
         return events()
 
     async def result(events):
@@ -511,7 +627,10 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat", origin
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "nanochat"}]}
 
     def chat_job(prompt, options):
-        return lambda worker, emit, stop_event: generate_in_thread(worker, prompt, options, emit, stop_event)
+        def job(worker, emit, stop_event):
+            generate_in_thread(worker, prompt, options, emit, stop_event)
+        job.on_scheduler = lambda worker, emit, done: generate_on_scheduler(worker, prompt, options, emit, done)
+        return job
 
     @app.post("/chat/completions")
     async def chat(request: Request):
@@ -547,6 +666,11 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat", origin
                         yield "data: " + json.dumps({"error": {"message": payload, "type": "server_error"}}) + "\n\n"
                     else:
                         yield chunk({}, payload["finish"][0])
+                        if options.get("include_usage"):
+                            usage = {"prompt_tokens": payload["prompt_tokens"], "completion_tokens": payload["completion_tokens"],
+                                     "total_tokens": payload["prompt_tokens"] + payload["completion_tokens"]}
+                            yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                                         "model": model_name, "choices": [], "usage": usage}) + "\n\n"
                 yield "data: [DONE]\n\n"
             return StreamingResponse(sse(), media_type="text/event-stream")
         info = await result(events)

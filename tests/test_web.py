@@ -78,6 +78,7 @@ HELLO = [{"role": "user", "content": "Hello"}]
     (chat(HELLO, top_k=-1), 400, "'top_k' must be between"),
     (chat(HELLO, top_k=2.5), 400, "'top_k' must be an integer"),
     (chat(HELLO, max_tokens=0), 400, "'max_tokens' must be between"),
+    (chat(HELLO, stop=["x" * 201]), 400, "at most 200 characters"),
     (chat(HELLO, max_tokens=10**6), 400, "'max_tokens' must be between"),
     (chat(HELLO, top_p=0), 400, "'top_p' must be between"),
     (chat(HELLO, n=2, stream=True), 400, "n = 1"),
@@ -251,6 +252,81 @@ def test_continuous_batching_serves_each_request_as_if_alone(tokenizer):
         assert stats["slots"] == 4 and stats["busy"] == 0
         shared = worker.scheduler.steps - steps_before
         assert shared < sum(b["max_tokens"] for b in bodies)  # the requests shared decode steps
+
+
+def test_a_stop_string_across_pieces_is_never_streamed(tokenizer):
+    """Text that could be the start of a stop string is held back until it is known not to be one."""
+    from scripts.chat_web import ReplyStream
+    worker = random_worker(tokenizer)
+    ranks = tokenizer.get_mergeable_ranks()
+    end = tokenizer.encode_special("<|assistant_end|>")
+    for reply, stop, sent, finish in [("ab cd ef", ["cd"], "ab ", "stop"), ("ab c d", ["cd"], "ab c d", "stop"),
+                                      ("xyz", ["z", "yq"], "xy", "stop"), ("ab c", ["cd"], "ab c", "length")]:
+        events = []
+        stream = ReplyStream(worker, [1, 2], {"stop": stop, "n": 1}, lambda kind, payload: events.append((kind, payload)))
+        tokens = [ranks[bytes([b])] for b in reply.encode()] + ([end] if finish == "stop" and reply == "ab c d" else [])
+        for t in tokens:
+            if stream.push([t]):
+                break
+        stream.end()
+        streamed = "".join(p for kind, (_, p) in ((k, v) for k, v in events if k == "text"))
+        assert streamed == sent and events[-1][1]["texts"] == [sent], (reply, stop, events)
+        assert events[-1][1]["finish"] == [finish]
+
+
+def test_batched_streams_run_on_the_scheduler_thread_with_usage_and_stop_strings(tokenizer, monkeypatch):
+    """With batch slots, streamed replies are made on the scheduler's thread (no thread per request): the text,
+    the stop-string cut and the usage chunk (stream_options.include_usage) equal the non-streamed answer."""
+    import scripts.chat_web as chat_web
+
+    def no_thread(*args, **kwargs):
+        raise AssertionError("a batched request went through a thread of its own")
+    monkeypatch.setattr(chat_web, "generate_in_thread", no_thread)
+    worker = random_worker(tokenizer, 0, slots=4)
+
+    def stream(body):
+        text, usage, chunks = "", None, 0
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    if event.get("usage"):
+                        assert event["choices"] == [] and usage is None
+                        usage = event["usage"]
+                        continue
+                    assert usage is None, "the usage chunk comes last"
+                    content = event["choices"][0]["delta"].get("content")
+                    if content:
+                        text, chunks = text + content, chunks + 1
+        return text, usage, chunks
+
+    with Server(create_app([worker], Limits(max_queue=16))) as server:
+        plain = httpx.post(server.url + "/v1/chat/completions", json=chat(HELLO, max_tokens=40, temperature=0)).json()
+        reply = plain["choices"][0]["message"]["content"]
+        assert len(reply) > 20 and plain["usage"]["completion_tokens"] == 40
+        cut = reply[12:16]  # a stop string from the middle of the reply
+        for extra in ({}, {"stop": [cut]}):
+            body = chat(HELLO, max_tokens=40, temperature=0, **extra)
+            whole = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+            results = [None] * 6
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(
+                dict(body, stream=True, stream_options={"include_usage": True})))) for i in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            for text, usage, chunks in results:
+                assert text == whole["choices"][0]["message"]["content"]
+                assert usage == whole["usage"]
+                assert 0 < chunks <= usage["completion_tokens"]
+            if extra:
+                assert text == reply[:reply.index(cut)] and usage["completion_tokens"] < 40  # stopped, not run to the end
+        # without include_usage there is no usage chunk; stream_options needs stream: true
+        assert stream(dict(body, stream=True))[1] is None
+        r = httpx.post(server.url + "/v1/chat/completions", json=dict(body, stream_options={"include_usage": True}))
+        assert r.status_code == 400 and "stream_options" in r.text
+        assert httpx.get(server.url + "/stats").json()["busy"] == 0
 
 
 def test_a_disconnect_frees_its_batch_slot(tokenizer):
