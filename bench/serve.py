@@ -71,7 +71,9 @@ def main():
 
 
 def run_clients(workers, args):
-    """A real uvicorn server on loopback with these workers, and args.clients concurrent streaming clients."""
+    """A real uvicorn server on loopback with these workers, and args.clients concurrent streaming clients in a
+    process of their own (in this one they would take the server's GIL, which no real client does)."""
+    import multiprocessing
     import uvicorn
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,50 +83,63 @@ def run_clients(workers, args):
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    ttfts, errors, tokens = [], [], [0]
-    lock = threading.Lock()
-
-    def client(c):
-        with httpx.Client(timeout=600) as http:
-            for r in range(args.requests):
-                body = {"messages": [{"role": "user", "content": f"Tell me a story, number {c}-{r}."}],
-                        "max_tokens": args.max_tokens, "stream": True, "temperature": 0.8, "seed": c * 100 + r}
-                t0 = time.perf_counter()
-                first = None
-                try:
-                    with http.stream("POST", url, json=body) as response:
-                        if response.status_code != 200:
-                            raise RuntimeError(f"HTTP {response.status_code}")
-                        for line in response.iter_lines():
-                            if not line.startswith("data: {"):
-                                continue
-                            choices = json.loads(line[6:]).get("choices") or [{}]
-                            if not choices[0].get("delta", {}).get("content"):
-                                continue  # the opening role chunk, the closing finish chunk
-                            if first is None:
-                                first = time.perf_counter() - t0  # includes any wait for a free slot
-                            with lock:
-                                tokens[0] += 1
-                    with lock:
-                        ttfts.append(first if first is not None else float("nan"))
-                except Exception as e:  # counted and reported
-                    with lock:
-                        errors.append(repr(e))
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    clients = ctx.Process(target=client_process, args=(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                                        args.clients, args.requests, args.max_tokens, results))
+    clients.start()
+    result = results.get()
+    clients.join()
     server.should_exit = True
-    done = len(ttfts)
-    q = statistics.quantiles(ttfts, n=20) if len(ttfts) >= 2 else [float("nan")] * 19
-    return {"clients": args.clients, "requests": done, "errors": len(errors), "error_samples": errors[:3], "wall_s": wall,
-            "requests_per_s": done / wall, "ttft_p50_s": statistics.median(ttfts) if ttfts else float("nan"),
-            "ttft_p95_s": q[18], "stream_tokens_per_s": tokens[0] / wall, "workers": len(workers)}
+    result["workers"] = len(workers)
+    return result
+
+
+def client_process(url, n_clients, n_requests, max_tokens, results):
+    """n_clients concurrent streaming clients (asyncio), n_requests each, one after another. Tokens are counted
+    from each reply's usage chunk (a chunk may carry several tokens when a client falls behind)."""
+    import asyncio
+
+    async def client(http, c, ttfts, errors, tokens):
+        for r in range(n_requests):
+            body = {"messages": [{"role": "user", "content": f"Tell me a story, number {c}-{r}."}],
+                    "max_tokens": max_tokens, "stream": True, "temperature": 0.8, "seed": c * 100 + r,
+                    "stream_options": {"include_usage": True}}
+            t0 = time.perf_counter()
+            first, usage = None, None
+            try:
+                async with http.stream("POST", url, json=body) as response:
+                    if response.status_code != 200:
+                        raise RuntimeError(f"HTTP {response.status_code}")
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        event = json.loads(line[6:])
+                        if event.get("usage"):
+                            usage = event["usage"]
+                        elif first is None and (event["choices"][0].get("delta") or {}).get("content"):
+                            first = time.perf_counter() - t0  # includes any wait for a free slot
+                if usage is None:
+                    raise RuntimeError("no usage chunk")
+                ttfts.append(first if first is not None else float("nan"))
+                tokens.append(usage["completion_tokens"])
+            except Exception as e:  # counted and reported
+                errors.append(repr(e))
+
+    async def run():
+        ttfts, errors, tokens = [], [], []
+        limits = httpx.Limits(max_connections=n_clients, max_keepalive_connections=n_clients)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client(http, c, ttfts, errors, tokens) for c in range(n_clients)))
+            wall = time.perf_counter() - t0
+        done = len(ttfts)
+        q = statistics.quantiles(ttfts, n=20) if len(ttfts) >= 2 else [float("nan")] * 19
+        return {"clients": n_clients, "requests": done, "errors": len(errors), "error_samples": errors[:3], "wall_s": wall,
+                "requests_per_s": done / wall, "ttft_p50_s": statistics.median(ttfts) if ttfts else float("nan"),
+                "ttft_p95_s": q[18], "stream_tokens_per_s": sum(tokens) / wall}
+
+    results.put(asyncio.run(run()))
 
 
 if __name__ == "__main__":
