@@ -555,8 +555,10 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat", origin
                 post(pool.release, worker)
             try:
                 handle = on_scheduler(worker, emit, done)
-            except BaseException:
+            except BaseException as e:
                 pool.release(worker)
+                if isinstance(e, ValueError):  # what the scheduler cannot take (n above its slots)
+                    raise APIError(400, str(e))
                 raise
             stop = handle.cancel  # the scheduler frees the slots at its next step, then calls done
         else:

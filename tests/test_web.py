@@ -326,6 +326,8 @@ def test_batched_streams_run_on_the_scheduler_thread_with_usage_and_stop_strings
         assert stream(dict(body, stream=True))[1] is None
         r = httpx.post(server.url + "/v1/chat/completions", json=dict(body, stream_options={"include_usage": True}))
         assert r.status_code == 400 and "stream_options" in r.text
+        r = httpx.post(server.url + "/v1/chat/completions", json=chat(HELLO, n=5, max_tokens=4))  # more rows than slots
+        assert r.status_code == 400 and "4 slots" in r.text
         assert httpx.get(server.url + "/stats").json()["busy"] == 0
 
 
