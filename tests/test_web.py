@@ -331,6 +331,28 @@ def test_batched_streams_run_on_the_scheduler_thread_with_usage_and_stop_strings
         assert httpx.get(server.url + "/stats").json()["busy"] == 0
 
 
+def test_a_failing_batched_step_is_a_generic_error_and_frees_the_slot(tokenizer):
+    worker = random_worker(tokenizer, 0, slots=2)
+    model, forward = worker.engine.model, worker.engine.model.forward
+    boom = tokenizer.encode("~")[0]
+
+    def exploding(idx, *args, **kwargs):  # an internal error whose text must not reach the client
+        if (idx == boom).any():
+            raise RuntimeError("secret internal detail")
+        return forward(idx, *args, **kwargs)
+    model.forward = exploding
+    with Server(create_app([worker], Limits(max_queue=4))) as server:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30,
+                          json=chat([{"role": "user", "content": "~"}], max_tokens=8, stream=True)) as r:
+            body = r.read().decode()
+        assert r.status_code == 200 and '"server_error"' in body and "secret" not in body
+        r = httpx.post(server.url + "/v1/chat/completions", json=chat([{"role": "user", "content": "~"}], max_tokens=8))
+        assert r.status_code == 500 and "secret" not in r.text
+        ok = httpx.post(server.url + "/v1/chat/completions", json=chat(HELLO, max_tokens=8, temperature=0))
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8
+        assert httpx.get(server.url + "/stats").json()["busy"] == 0 and worker.scheduler.free_slots() == 2
+
+
 def test_a_disconnect_frees_its_batch_slot(tokenizer):
     worker = scripted_worker(tokenizer, "slow reply ", delay=0.05, repeat=200, slots=2)  # 2000 tokens: 100 s
     with Server(create_app([worker], Limits(max_queue=4, max_tokens=4096))) as server:
