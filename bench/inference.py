@@ -6,7 +6,9 @@ Decoding speed on this machine, depth-4 model, CPU:
 - memory bandwidth achieved by batch-1 decode (weights + KV cache read per token) against a copy
   bandwidth measured in the same run (MBU);
 - the static-cache decode step of continuous batching (BatchScheduler), eager and compiled, with 1
-  and 8 concurrent requests, against the Engine's eager batch-1 decode.
+  and 8 concurrent requests, against the Engine's eager batch-1 decode;
+- each weight matrix as a decode GEMM on one thread, 1 row vs 8 (torch's linear, MKL with the weight
+  packed once, weight-only int8): what bounds the step on a CPU.
 The last line printed is one JSON object with every figure.
 
     python -m bench.inference
@@ -97,6 +99,7 @@ def main():
               f"{row['cached_tok_s']:.0f} | {row['batched_tok_s_per_row']:.0f} | {row['batched_tok_s_total']:.0f} | "
               f"{row['batched_time_ratio']:.2f}x | {100 * mbu:.0f}% |", flush=True)
     results["scheduler"] = scheduler_table(engine, tokenizer, text, args, results)
+    results["gemm"] = gemm_table(model, args.rows)
     print(json.dumps(results))
 
 
@@ -134,6 +137,71 @@ def scheduler_table(engine, tokenizer, text, args, results):
             print(f"| scheduler {name} | {k} | {step * 1e3:.2f} | {k / step:.0f} | {engine_step / step:.2f}x "
                   f"(per row: {engine_step * k / step:.2f}x) | {step / one:.2f}x |", flush=True)
     return out
+
+
+def gemm_table(model, rows, reps=200):
+    """
+    What bounds the decode step on a CPU: each weight matrix of the model as one decode GEMM, on one thread
+    (the scheduler's), at 1 row and at `rows` rows: torch's linear; MKL with the weight packed once
+    (torch's linear packs it again on every call with more than one row); and weight-only int8 with bf16
+    activations (a quarter of the bytes; it changes the numbers, so it is measured here, not used).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes.setdefault(tuple(module.weight.shape), []).append(name)
+
+    def best_us(fn):
+        for _ in range(10):
+            fn()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / reps)
+        return best * 1e6
+
+    out = []
+    print()
+    print(f"decode GEMMs, one thread: every weight shape of the model, 1 row vs {rows} rows")
+    print(f"| weight (out x in) | count | linear 1 row us | linear {rows} rows us | {rows} rows / 1 | MKL packed {rows} rows us | packed {rows} / linear 1 | packed bytes / weight | int8 weights, 1 row us |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    total = {"one": 0.0, "many": 0.0, "packed": 0.0}
+    with torch.inference_mode():
+        for (n_out, n_in), names in sorted(shapes.items()):
+            w = torch.randn(n_out, n_in) * 0.02
+            x1, xr = torch.randn(1, n_in), torch.randn(rows, n_in)
+            one = best_us(lambda: torch.nn.functional.linear(x1, w))
+            many = best_us(lambda: torch.nn.functional.linear(xr, w))
+            packed = int8 = packed_size = float("nan")
+            try:  # torch's MKL ops (the ones inductor's freezing uses on a CPU); absent in builds without MKL
+                pw = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+                packed = best_us(lambda: torch.ops.mkl._mkl_linear(xr, pw, w, None, rows))
+                packed_size = pw.numel() * pw.element_size() / (w.numel() * w.element_size())
+            except (AttributeError, RuntimeError):
+                pass
+            try:
+                scales = w.abs().amax(dim=1) / 127
+                wq = (w / scales[:, None]).round().to(torch.int8)
+                xb, sb = x1.bfloat16(), scales.bfloat16()
+                int8 = best_us(lambda: torch.ops.aten._weight_int8pack_mm(xb, wq, sb))
+            except (AttributeError, RuntimeError):
+                pass
+            k = len(names)
+            total["one"] += k * one
+            total["many"] += k * many
+            total["packed"] += k * (packed if packed == packed else many)
+            out.append({"shape": [n_out, n_in], "count": k, "linear_1_us": one, f"linear_{rows}_us": many,
+                        f"mkl_packed_{rows}_us": packed, "packed_size_ratio": packed_size, "int8_1_us": int8})
+            print(f"| {n_out} x {n_in} | {k} | {one:.0f} | {many:.0f} | {many / one:.2f}x | {packed:.0f} | "
+                  f"{packed / one:.2f}x | {packed_size:.1f}x | {int8:.0f} |", flush=True)
+    print(f"| all, per step | {sum(len(v) for v in shapes.values())} | {total['one']:.0f} | {total['many']:.0f} | "
+          f"{total['many'] / total['one']:.2f}x | {total['packed']:.0f} | {total['packed'] / total['one']:.2f}x | | |")
+    torch.set_num_threads(threads)
+    return {"shapes": out, "per_step_us": total}
 
 
 if __name__ == "__main__":
