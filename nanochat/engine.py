@@ -73,8 +73,12 @@ def sample_next(logits, rngs, temperature=1.0, top_k=None, top_p=None):
         sorted_probs = sorted_probs.masked_fill((sorted_probs.cumsum(dim=-1) - sorted_probs) >= bound, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
     u = torch.tensor([rng.random() if t > 0 else 0.0 for rng, t in zip(rngs, temps)], device=device)
-    drawn = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True).view(B).clamp_(max=V - 1)
+    # the first token whose cumulative probability passes u * total; a u that rounds to 1 in float32 lands
+    # on the last token with any probability (the first to reach the total), never on a cut one after it
+    drawn = torch.minimum(torch.searchsorted(cdf, (u[:, None] * total).contiguous(), right=True),
+                          torch.searchsorted(cdf, total)).view(B)
     if any(t == 0 for t in temps):
         drawn = torch.where(torch.tensor([t == 0 for t in temps], device=device), greedy, drawn)
     return drawn
