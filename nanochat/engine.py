@@ -93,8 +93,9 @@ def _per_row(value, rows, name):
 
 
 def row_rngs(seed, rows):
-    """The per-row random streams of sample_next: row i is seeded seed + i (a lone run seeded seed + i equals it)."""
-    return [random.Random(seed + i) for i in range(rows)]
+    """The per-row random streams of sample_next: row i is seeded seed + i (a lone run seeded seed + i equals it).
+    random.Random(-s) is random.Random(s), so seeds are mapped one-to-one onto non-negative ints first."""
+    return [random.Random(2 * s if s >= 0 else -2 * s - 1) for s in range(seed, seed + rows)]
 
 
 class RowState:

@@ -148,6 +148,9 @@ def test_batched_sampler_rows_match_alone_and_the_reference_distribution():
                 assert abs(c / draws - q) <= 5 * math.sqrt(q * (1 - q) / draws) + 1e-9, (i, token, c / draws, q)
     with pytest.raises(ValueError):
         sample_next(logits.expand(2, -1), row_rngs(0, 2), [1.0], None, None)  # one value for two rows
+    # seeds never collide (Python's random.Random(-1) is random.Random(1)): rows -2..2 all differ
+    streams = [tuple(r.random() for _ in range(3)) for r in row_rngs(-2, 5)]
+    assert len(set(streams)) == 5
     # a draw at the very top of [0, 1) (it rounds to 1.0 in float32) still lands on an allowed token
     top = type("Top", (), {"random": lambda self: 1 - 2 ** -30})()
     best = logits[0].topk(2).indices.tolist()
