@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import shakespeare
-from nanochat.engine import Engine, KVCache, Utf8Stream, row_rngs, sample_next
+from nanochat.engine import Engine, KVCache, Utf8Stream
+from nanochat.sampling import row_rngs, sample_next
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
 
