@@ -410,8 +410,9 @@ class ReplyStream:
                 text, self.finished[i] = text[:min(hits)], "stop"
                 ready = len(text)
             else:  # hold back a tail that could still grow into a stop string
-                ready = len(text) - max((k for s in self.stop_strings for k in range(len(s) - 1, 0, -1)
-                                          if text.endswith(s[:k])), default=0)
+                held = max((next((k for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), 0)
+                            for s in self.stop_strings), default=0)
+                ready = len(text) - held
             self.texts[i] = text
             self._send(i, ready)
         return all(self.finished)
@@ -454,20 +455,24 @@ def generate_on_scheduler(worker, prompt, options, emit, done):
     (cancel() it to stop).
     """
     reply = ReplyStream(worker, prompt, options, emit)
-    finished = [False]
+    state = {}  # 'request' once submit returns; 'stopped' once every row has stopped (either may come first)
 
     def on_event(event):
-        if finished[0]:
+        if state.get("ended"):
             return
         if event is None or isinstance(event, BaseException):
-            finished[0] = True
+            state["ended"] = True
             if event is None:
                 reply.end()
             return done(event)
-        if reply.push(event[0]):
-            request.cancel()  # every row has stopped (a stop string): free the slots; the end follows
+        if reply.push(event[0]):  # every row has stopped (a stop string): free the slots; the end follows
+            state["stopped"] = True
+            if "request" in state:
+                state["request"].cancel()
 
-    request = worker.scheduler.submit(prompt, on_event=on_event, **sampling_options(options))
+    state["request"] = request = worker.scheduler.submit(prompt, on_event=on_event, **sampling_options(options))
+    if state.get("stopped"):  # it stopped before submit returned
+        request.cancel()
     return request
 
 

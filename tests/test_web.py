@@ -306,7 +306,7 @@ def test_batched_streams_run_on_the_scheduler_thread_with_usage_and_stop_strings
         reply = plain["choices"][0]["message"]["content"]
         assert len(reply) > 20 and plain["usage"]["completion_tokens"] == 40
         cut = reply[12:16]  # a stop string from the middle of the reply
-        for extra in ({}, {"stop": [cut]}):
+        for extra in ({}, {"stop": [cut]}, {"stop": [reply[:1]]}):  # the last: stopped at its first token
             body = chat(HELLO, max_tokens=40, temperature=0, **extra)
             whole = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
             results = [None] * 6
@@ -319,9 +319,10 @@ def test_batched_streams_run_on_the_scheduler_thread_with_usage_and_stop_strings
             for text, usage, chunks in results:
                 assert text == whole["choices"][0]["message"]["content"]
                 assert usage == whole["usage"]
-                assert 0 < chunks <= usage["completion_tokens"]
+                assert chunks <= usage["completion_tokens"] and (chunks > 0) == bool(text)
             if extra:
-                assert text == reply[:reply.index(cut)] and usage["completion_tokens"] < 40  # stopped, not run to the end
+                stop = extra["stop"][0]
+                assert text == reply[:reply.index(stop)] and usage["completion_tokens"] < 40  # stopped, not run to the end
         # without include_usage there is no usage chunk; stream_options needs stream: true
         assert stream(dict(body, stream=True))[1] is None
         r = httpx.post(server.url + "/v1/chat/completions", json=dict(body, stream_options={"include_usage": True}))
