@@ -712,11 +712,27 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat", origin
     return app
 
 
+def serving_dtype(name, device_type, config):
+    """
+    The weight dtype of a serving replica (--dtype). A replica only decodes, so its weights are simply
+    stored in bf16 when bf16 is chosen (half the bytes read per token), not cast at every use as under
+    autocast. auto: bf16 on CUDA; on a CPU, bf16 where a decode-shaped measurement shows it faster, else fp32.
+    """
+    import torch
+    from nanochat.common import cpu_bf16_decode_is_faster, parse_dtype
+    if name == "auto" and device_type == "cpu":
+        faster = cpu_bf16_decode_is_faster(config.n_embd, config.vocab_size)
+        print(f"nanochat chat server: decode weights in {'bf16' if faster else 'fp32'} "
+              f"(bf16 measured {'faster' if faster else 'no faster'} on this CPU)", flush=True)
+        return torch.bfloat16 if faster else torch.float32
+    return parse_dtype(name, device_type)
+
+
 def main(argv=None):
     import torch
     import uvicorn
     from nanochat.checkpoint import add_checkpoint_args, load_model
-    from nanochat.common import autocast_ctx, autodetect_device_type, parse_dtype
+    from nanochat.common import autodetect_device_type
     p = argparse.ArgumentParser(description="Serve a chat model: web page + OpenAI-compatible API.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_checkpoint_args(p, default_source="sft")
@@ -751,9 +767,8 @@ def main(argv=None):
             model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}")
-        autocast = autocast_ctx(device_type, parse_dtype(args.dtype, device_type))  # bf16 on CPUs where it measures faster
-        workers.append(Worker(i, Engine(model, tokenizer), tokenizer, autocast, slots=args.batch_slots,
-                              compile=args.compile_decode))
+        model = model.to(serving_dtype(args.dtype, device_type, model.config))
+        workers.append(Worker(i, Engine(model, tokenizer), tokenizer, slots=args.batch_slots, compile=args.compile_decode))
     limits = Limits(**{f: getattr(args, f) for f in vars(Limits())})
     origins = [f"http://{name}:{args.port}" for name in ("127.0.0.1", "localhost", "[::1]")] + args.allow_origin
     app = create_app(workers, limits, api_key=args.api_key, model_name=f"nanochat-{args.source}-step{meta['step']}",

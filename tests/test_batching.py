@@ -202,3 +202,24 @@ def test_close_stops_the_thread_and_a_new_request_restarts_it(tokenizer):
     assert not thread.is_alive() and scheduler.thread is None
     assert collect(scheduler.submit(p, max_tokens=5, temperature=0)) == first
     scheduler.close()
+
+
+def test_a_bf16_weights_replica_batches_like_it_runs_alone(tokenizer):
+    """chat_web stores a replica's weights in bf16 when bf16 is chosen (--dtype, or auto where it measures
+    faster): the scheduler's cache follows that dtype and batched replies equal the replica's replies alone."""
+    from scripts.chat_web import serving_dtype
+    engine = Engine(random_gpt(tokenizer, seed=6).to(torch.bfloat16), tokenizer, calculator=lambda e: "0")
+    ps = prompts(tokenizer)[:4]
+    expected = [alone(engine, p, max_tokens=12, temperature=0) for p in ps]
+    scheduler = BatchScheduler(engine, slots=4, max_len=96)
+    got = [collect(r) for r in [scheduler.submit(p, max_tokens=12, temperature=0) for p in ps]]
+    assert got == expected
+    assert scheduler.cache.k[0].dtype == torch.bfloat16 and scheduler.steps < 4 * 12
+    scheduler.close()
+    config = engine.model.config
+    assert serving_dtype("bfloat16", "cpu", config) == torch.bfloat16
+    assert serving_dtype("float32", "cuda", config) == torch.float32
+    assert serving_dtype("auto", "cuda", config) == torch.bfloat16
+    assert serving_dtype("auto", "cpu", config) in (torch.bfloat16, torch.float32)  # measured on this CPU
+    with pytest.raises(ValueError):
+        serving_dtype("fp8", "cpu", config)
