@@ -195,38 +195,6 @@ def cpu_bf16_is_faster():
     return _CPU_BF16_FASTER
 
 
-def cpu_bf16_decode_is_faster(n_embd, vocab_size, rows=(1, 8)):
-    """
-    Whether one decode step's GEMMs at this width and vocabulary (1 and 8 rows, one thread: the batch
-    scheduler's) run clearly faster with bf16 weights than fp32 on this CPU. Decoding reads every
-    weight once per token, so halving the bytes pays where the CPU has bf16 arithmetic (AVX-512 BF16,
-    AMX) and loses where bf16 is emulated: a serving replica's weight dtype is chosen by this.
-    """
-    import torch
-    import torch.nn.functional as F
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        def seconds(dtype):
-            total = 0.0
-            # the lm_head's shape capped at 16k rows: past the caches either way, and a few seconds less at start-up
-            for n_out, n_in in ((min(vocab_size, 16384), n_embd), (4 * n_embd, n_embd), (n_embd, 4 * n_embd)):
-                w = torch.randn(n_out, n_in).to(dtype)
-                for r in rows:
-                    x = torch.randn(r, n_in).to(dtype)
-                    best = float("inf")
-                    for _ in range(3):  # the first run warms up
-                        t0 = time.perf_counter()
-                        for _ in range(3):
-                            F.linear(x, w)
-                        best = min(best, time.perf_counter() - t0)
-                    total += best
-            return total
-        return seconds(torch.bfloat16) < 0.9 * seconds(torch.float32)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def parse_dtype(name, device_type):
     """--dtype: 'auto' = bf16 on CUDA, bf16 on a CPU whose bf16 matmuls measure faster, else fp32."""
     import torch

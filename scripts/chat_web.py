@@ -712,20 +712,50 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat", origin
     return app
 
 
-def serving_dtype(name, device_type, config):
-    """
-    The weight dtype of a serving replica (--dtype). A replica only decodes, so its weights are simply
-    stored in bf16 when bf16 is chosen (half the bytes read per token), not cast at every use as under
-    autocast. auto: bf16 on CUDA; on a CPU, bf16 where a decode-shaped measurement shows it faster, else fp32.
-    """
+def decode_seconds(model, rows=(1, 8), steps=2):
+    """Seconds of `steps` single-token forwards at each row count after an 8-token prefix, on one thread (the
+    batch scheduler's): what one decode step costs this replica."""
     import torch
-    from nanochat.common import cpu_bf16_decode_is_faster, parse_dtype
-    if name == "auto" and device_type == "cpu":
-        faster = cpu_bf16_decode_is_faster(config.n_embd, config.vocab_size)
-        print(f"nanochat chat server: decode weights in {'bf16' if faster else 'fp32'} "
-              f"(bf16 measured {'faster' if faster else 'no faster'} on this CPU)", flush=True)
-        return torch.bfloat16 if faster else torch.float32
-    return parse_dtype(name, device_type)
+    from nanochat.kv_cache import KVCache
+    c, device = model.config, model.get_device()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        total = 0.0
+        with torch.inference_mode():
+            for r in rows:
+                cache = KVCache(r, c.n_kv_head, 8 + steps + 1, c.n_embd // c.n_head, c.n_layer)
+                model(torch.zeros(r, 8, dtype=torch.long, device=device), kv_cache=cache)
+                token = torch.zeros(r, 1, dtype=torch.long, device=device)
+                model(token, kv_cache=cache)  # warm-up
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    model(token, kv_cache=cache)
+                total += time.perf_counter() - t0
+        return total
+    finally:
+        torch.set_num_threads(threads)
+
+
+def serving_model(model, name, device_type):
+    """
+    The replica in the weight dtype it serves in (--dtype). A replica only decodes, so when bf16 is chosen
+    its weights are stored in bf16 (half the bytes read per token), not cast at every use as under autocast.
+    auto: bf16 on CUDA; on a CPU, bf16 only where this model's decode step measures clearly faster in it
+    (at start-up, on a bf16 copy: bf16 is emulated on many CPUs, and pays on others); fp32 otherwise.
+    """
+    import copy
+    import torch
+    from nanochat.common import parse_dtype
+    if name != "auto" or device_type != "cpu":
+        return model.to(parse_dtype(name, device_type))
+    t32 = decode_seconds(model)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    t16 = decode_seconds(bf16)
+    use = t16 < 0.9 * t32
+    print(f"nanochat chat server: decode weights in {'bf16' if use else 'fp32'} (a decode step measured "
+          f"{t16 / t32:.2f}x as long in bf16 on this CPU)", flush=True)
+    return bf16 if use else model
 
 
 def main(argv=None):
@@ -767,7 +797,7 @@ def main(argv=None):
             model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}")
-        model = model.to(serving_dtype(args.dtype, device_type, model.config))
+        model = serving_model(model, args.dtype, device_type)
         workers.append(Worker(i, Engine(model, tokenizer), tokenizer, slots=args.batch_slots, compile=args.compile_decode))
     limits = Limits(**{f: getattr(args, f) for f in vars(Limits())})
     origins = [f"http://{name}:{args.port}" for name in ("127.0.0.1", "localhost", "[::1]")] + args.allow_origin

@@ -207,7 +207,7 @@ def test_close_stops_the_thread_and_a_new_request_restarts_it(tokenizer):
 def test_a_bf16_weights_replica_batches_like_it_runs_alone(tokenizer):
     """chat_web stores a replica's weights in bf16 when bf16 is chosen (--dtype, or auto where it measures
     faster): the scheduler's cache follows that dtype and batched replies equal the replica's replies alone."""
-    from scripts.chat_web import serving_dtype
+    from scripts.chat_web import serving_model
     engine = Engine(random_gpt(tokenizer, seed=6).to(torch.bfloat16), tokenizer, calculator=lambda e: "0")
     ps = prompts(tokenizer)[:4]
     expected = [alone(engine, p, max_tokens=12, temperature=0) for p in ps]
@@ -216,10 +216,9 @@ def test_a_bf16_weights_replica_batches_like_it_runs_alone(tokenizer):
     assert got == expected
     assert scheduler.cache.k[0].dtype == torch.bfloat16 and scheduler.steps < 4 * 12
     scheduler.close()
-    config = engine.model.config
-    assert serving_dtype("bfloat16", "cpu", config) == torch.bfloat16
-    assert serving_dtype("float32", "cuda", config) == torch.float32
-    assert serving_dtype("auto", "cuda", config) == torch.bfloat16
-    assert serving_dtype("auto", "cpu", config) in (torch.bfloat16, torch.float32)  # measured on this CPU
+    fp32 = random_gpt(tokenizer, seed=6)
+    assert serving_model(fp32, "bfloat16", "cpu").lm_head.weight.dtype == torch.bfloat16
+    chosen = serving_model(random_gpt(tokenizer, seed=6), "auto", "cpu")  # measured: either, never a mix
+    assert {p.dtype for p in chosen.parameters()} in ({torch.float32}, {torch.bfloat16})
     with pytest.raises(ValueError):
-        serving_dtype("fp8", "cpu", config)
+        serving_model(fp32, "fp8", "cpu")
