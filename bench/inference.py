@@ -136,6 +136,7 @@ def scheduler_table(engine, tokenizer, text, args, results):
                                   "step_vs_one": step / one}
             print(f"| scheduler {name} | {k} | {step * 1e3:.2f} | {k / step:.0f} | {engine_step / step:.2f}x "
                   f"(per row: {engine_step * k / step:.2f}x) | {step / one:.2f}x |", flush=True)
+        scheduler.close()
     return out
 
 

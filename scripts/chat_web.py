@@ -139,11 +139,10 @@ class Worker:
     share its decode steps; slots == 1: one request at a time through the Engine (the old mode).
     """
 
-    def __init__(self, index, engine, tokenizer, autocast=None, slots=1, compile="off"):
+    def __init__(self, index, engine, tokenizer, slots=1, compile="off"):
         self.index, self.engine, self.tokenizer = index, engine, tokenizer
-        self.autocast = autocast or nullcontext()
         self.slots = slots
-        self.scheduler = BatchScheduler(engine, slots, autocast=self.autocast, compile=compile) if slots > 1 else None
+        self.scheduler = BatchScheduler(engine, slots, compile=compile) if slots > 1 else None
 
     @property
     def generator(self):
@@ -441,7 +440,7 @@ def generate_in_thread(worker, prompt, options, emit, stop_event):
     """One request at a time (the Engine, in a worker thread): emit 'text' events, then once 'end'."""
     reply = ReplyStream(worker, prompt, options, emit)
     steps = worker.generator.generate(prompt, **sampling_options(options))
-    with worker.autocast, closing(steps):  # closing: a stop or disconnect frees a batch slot at once
+    with closing(steps):  # closing: a stop or disconnect frees a batch slot at once
         for column, _ in steps:
             if stop_event.is_set() or reply.push(column):
                 break
@@ -451,7 +450,7 @@ def generate_in_thread(worker, prompt, options, emit, stop_event):
 def generate_on_scheduler(worker, prompt, options, emit, done):
     """
     Continuous batching without a thread per request: the scheduler thread turns each step into text events
-    (ReplyStream, a few microseconds) and calls done(error) once at the end. Returns the engine Request
+    (ReplyStream) and calls done(error) once at the end. Returns the engine Request
     (cancel() it to stop).
     """
     reply = ReplyStream(worker, prompt, options, emit)
@@ -699,7 +698,7 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat", origin
                 if stop_event.is_set():
                     raise Cancelled()
                 choices.append(complete(engine, tok, p, options["max_tokens"], options["temperature"], options["top_p"],
-                                        seed + i, options["logprobs"], options["echo"], options["stop"], worker.autocast))
+                                        seed + i, options["logprobs"], options["echo"], options["stop"], nullcontext()))
             emit("end", choices)
         choices = await result(await start(request, job))
         prompt_tokens = sum(c.pop("prompt_tokens") for c in choices)
@@ -739,14 +738,17 @@ def decode_seconds(model, rows=(1, 8), steps=2):
 
 def serving_model(model, name, device_type):
     """
-    The replica in the weight dtype it serves in (--dtype). A replica only decodes, so when bf16 is chosen
-    its weights are stored in bf16 (half the bytes read per token), not cast at every use as under autocast.
+    The replica in the weight dtype it serves in (name: --dtype, or a torch.dtype another replica was given).
+    A replica only decodes, so when bf16 is chosen its weights are stored in bf16 (half the bytes read per
+    token), not cast at every use as under autocast.
     auto: bf16 on CUDA; on a CPU, bf16 only where this model's decode step measures clearly faster in it
     (at start-up, on a bf16 copy: bf16 is emulated on many CPUs, and pays on others); fp32 otherwise.
     """
     import copy
     import torch
     from nanochat.common import parse_dtype
+    if isinstance(name, torch.dtype):  # already chosen (another replica)
+        return model.to(name)
     if name != "auto" or device_type != "cpu":
         return model.to(parse_dtype(name, device_type))
     t32 = decode_seconds(model)
@@ -797,7 +799,9 @@ def main(argv=None):
             model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}")
-        model = serving_model(model, args.dtype, device_type)
+        # the weight dtype is chosen (measured, for auto on a CPU) once, on the first replica
+        model = serving_model(model, args.dtype if not workers else workers[0].engine.model.lm_head.weight.dtype,
+                              device_type)
         workers.append(Worker(i, Engine(model, tokenizer), tokenizer, slots=args.batch_slots, compile=args.compile_decode))
     limits = Limits(**{f: getattr(args, f) for f in vars(Limits())})
     origins = [f"http://{name}:{args.port}" for name in ("127.0.0.1", "localhost", "[::1]")] + args.allow_origin

@@ -220,5 +220,6 @@ def test_a_bf16_weights_replica_batches_like_it_runs_alone(tokenizer):
     assert serving_model(fp32, "bfloat16", "cpu").lm_head.weight.dtype == torch.bfloat16
     chosen = serving_model(random_gpt(tokenizer, seed=6), "auto", "cpu")  # measured: either, never a mix
     assert {p.dtype for p in chosen.parameters()} in ({torch.float32}, {torch.bfloat16})
+    assert serving_model(random_gpt(tokenizer, seed=6), torch.bfloat16, "cpu").lm_head.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError):
         serving_model(fp32, "fp8", "cpu")
