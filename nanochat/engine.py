@@ -190,16 +190,22 @@ class Request:
         self.slots, self.emitted = [], 0
         self.events = queue.Queue() if on_event is None else None
         self.on_event = on_event
-        self.cancelled = False
+        self.cancelled = self.ended = False
 
     def deliver(self, event):
+        """Hands one event to the consumer. A step the consumer cannot take (on_event raised) raises here: the
+        scheduler then ends this request alone, with that error. The last event is delivered once."""
+        if self.ended:
+            return
+        self.ended = event is None or isinstance(event, BaseException)
         if self.on_event is None:
             return self.events.put(event)
         try:
             self.on_event(event)
-        except Exception as e:  # a consumer's bug ends its own request, not the scheduler
-            print(f"nanochat.engine: a request's on_event failed ({type(e).__name__}: {e}); cancelling it")
-            self.cancel()
+        except Exception as e:
+            if not self.ended:
+                raise
+            print(f"nanochat.engine: a request's last on_event failed ({type(e).__name__}: {e})")
 
     def cancel(self):
         """Stop generating (a client went away): the slots are freed at the next step."""
@@ -318,15 +324,18 @@ class BatchScheduler:
                     for slot in request.slots:
                         self.owner[slot] = request
                     admitted.append(request)
-            try:
-                with torch.inference_mode(), self.autocast:
-                    for request in admitted:
+            with torch.inference_mode(), self.autocast:
+                for request in admitted:
+                    try:
                         self._prefill(request)
+                    except Exception as e:  # fails this request only
+                        self._release(request, e)
+                try:
                     if any(o is not None for o in self.owner):
                         self._step()
-            except Exception as e:  # a failed step fails its requests, not the server
-                for request in {o for o in self.owner if o is not None}:
-                    self._release(request, e)
+                except Exception as e:  # a failed shared step fails its requests, not the server
+                    for request in {o for o in self.owner if o is not None}:
+                        self._release(request, e)
 
     def _prefill(self, request):
         tokens = request.tokens
@@ -366,22 +375,30 @@ class BatchScheduler:
             self._emit(request, [sampled[slot] for slot in request.slots])
 
     def _emit(self, request, sampled):
-        """Advance a request's rows' tool state with their sampled tokens, hand the column out; release it when done."""
-        column, forced = [], []
-        for row, slot, token in zip(request.rows, request.slots, sampled):
-            token, was_forced = self.engine.next_token(row, token, request.tools)
-            column.append(token)
-            forced.append(was_forced)
-            self.next_input[slot] = token if token is not None else self.engine.tokenizer.get_bos_token_id()
-        request.emitted += 1
-        request.deliver((column, forced))
+        """Advance a request's rows' tool state with their sampled tokens, hand the column out; release it when done.
+        Whatever fails here (the tool step, a token outside the vocabulary, the consumer) ends this request alone,
+        with its own error: the rows beside it never see it."""
+        try:
+            column, forced, vocab_size = [], [], self.model.config.vocab_size
+            for row, slot, token in zip(request.rows, request.slots, sampled):
+                token, was_forced = self.engine.next_token(row, token, request.tools)
+                if token is not None and not 0 <= token < vocab_size:
+                    raise ValueError(f"token id {token} is outside the vocabulary [0, {vocab_size})")
+                column.append(token)
+                forced.append(was_forced)
+                self.next_input[slot] = token if token is not None else self.engine.tokenizer.get_bos_token_id()
+            request.emitted += 1
+            request.deliver((column, forced))
+        except Exception as e:
+            return self._release(request, e)
         if all(row.done for row in request.rows) or request.emitted >= request.max_tokens:
             self._release(request)
 
     def _release(self, request, error=None):
         for slot in request.slots:
-            if self.owner[slot] is request:
+            if self.owner[slot] is request:  # a free slot is reset: it still feeds a (harmless, valid) token
                 self.owner[slot], self.length[slot], self.rng[slot] = None, 0, None
+                self.next_input[slot] = self.engine.tokenizer.get_bos_token_id()
         request.deliver(error)
 
     def _run_step(self, n, span):

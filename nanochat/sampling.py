@@ -2,12 +2,19 @@
 Sampling the next token of many rows at once: per-row temperature, top_k and top_p, and a seeded
 random stream per row (row_rngs), so a row's token never depends on the rows beside it. The Engine
 and continuous batching (engine.BatchScheduler) both sample through sample_next.
+
+Whatever the parameters and logits (a temperature of 1e-40, logits with inf or NaN), the id returned is
+inside the vocabulary: in a shared batch one row's bad id would break every row beside it.
 """
 
 import random
 
 import torch
 import torch.nn.functional as F
+
+# Temperatures below this are greedy: logits are divided by T only after the row's maximum is subtracted,
+# so no T overflows, and at T = 1e-4 a logit gap of 0.01 already weighs e^-100 (no float32 difference).
+MIN_TEMPERATURE = 1e-4
 
 
 def sample_next(logits, rngs, temperature=1.0, top_k=None, top_p=None):
@@ -22,13 +29,18 @@ def sample_next(logits, rngs, temperature=1.0, top_k=None, top_p=None):
     """
     B, V = logits.shape
     temps, ks, ps = (_per_row(v, B, name) for v, name in ((temperature, "temperature"), (top_k, "top_k"), (top_p, "top_p")))
-    if any(t is None or t < 0 for t in temps):
+    if any(t is None or not t >= 0 for t in temps):  # `not >=`: NaN too
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    temps = [0.0 if t < MIN_TEMPERATURE else t for t in temps]
+    logits = logits.float().nan_to_num(nan=float("-inf"))  # a NaN logit is never a token's best or its draw
     greedy = logits.argmax(dim=-1)
     if all(t == 0 for t in temps):
         return greedy
     device = logits.device
-    x = logits.float() / torch.tensor([t if t > 0 else 1.0 for t in temps], device=device)[:, None]
+    # shifted so that each row's largest logit is 0 before dividing: every value stays finite or -inf
+    shift = logits.amax(dim=-1, keepdim=True).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    x = (logits - shift) / torch.tensor([t if t > 0 else 1.0 for t in temps], device=device)[:, None]
+    x = x.nan_to_num(nan=0.0, neginf=float("-inf"))  # inf - inf: a row of several +inf logits, all likeliest
     ks = [min(k, V) if k else V for k in ks]
     if min(ks) < V:  # cut each row below its k-th largest logit (ties stay); rows without a cut keep all
         kmax = max(k for k in ks if k < V)
@@ -51,9 +63,10 @@ def sample_next(logits, rngs, temperature=1.0, top_k=None, top_p=None):
     # on the last token with any probability (the first to reach the total), never on a cut one after it
     drawn = torch.minimum(torch.searchsorted(cdf, (u[:, None] * total).contiguous(), right=True),
                           torch.searchsorted(cdf, total)).view(B)
-    if any(t == 0 for t in temps):
-        drawn = torch.where(torch.tensor([t == 0 for t in temps], device=device), greedy, drawn)
-    return drawn
+    # a row with nothing to draw from (every logit -inf or NaN, a total that is not a positive number)
+    # and a greedy row take the argmax; the clamp is the last guard of the vocabulary's bounds
+    fallback = ~(total.view(B) > 0) | ~torch.isfinite(total.view(B)) | torch.tensor([t == 0 for t in temps], device=device)
+    return torch.where(fallback, greedy, drawn).clamp_(0, V - 1)
 
 
 def _per_row(value, rows, name):

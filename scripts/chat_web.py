@@ -20,14 +20,21 @@ disconnects stops its generation and frees its slot. Every request is validated 
 tokens: prompt + max_tokens must fit the model's context. top_p is nucleus sampling; `n` > 1
 samples n rows from one prefill (non-streaming only); `stop` strings end a reply and are cut from
 it; a leading `system` message is folded into the first user turn (the model has no system role).
+A temperature below 1e-4 (sampling.MIN_TEMPERATURE) is greedy, as 0 is: it could not change a token.
 
 Hostile clients. Any web page can POST to 127.0.0.1, so: POST bodies must be application/json (a
 page can send text/plain without asking; JSON needs a CORS preflight, which we never grant), the
 Host header must be one of ours (DNS rebinding) and an Origin header, when sent, must be allowed
 (loopback with our port, plus --allow-origin). Bodies are counted while they are read: past
 --max-body-bytes the answer is 413, a body slower than --body-timeout gets 408, both before a worker
-is taken. uvicorn caps open connections (--limit-concurrency). An internal error is logged with its
-traceback and answered with a generic 500.
+is taken. A connection that has not sent a whole request head within --header-timeout seconds
+(of connecting, or of its last response) is closed: connections that send nothing, or a byte now and
+then, cannot pile up (uvicorn's keep-alive timer starts only after a first response). At most
+--limit-concurrency requests are handled at once (503 beyond), counted in requests, not in
+connections, so idle connections take no one's place; past --max-connections the oldest connection
+still waiting for its head makes room. Error messages quote user values only as short prefixes.
+/docs and /openapi.json exist only with --docs (behind the API key when one is set). An internal
+error is logged with its traceback and answered with a generic 500.
 """
 
 import argparse
@@ -49,6 +56,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from nanochat.common import limit_side_thread
 from nanochat.engine import BatchScheduler, Engine, Utf8Stream
+from nanochat.sampling import MIN_TEMPERATURE
 from nanochat.text_completion import complete
 
 log = logging.getLogger("nanochat.chat_web")
@@ -94,10 +102,20 @@ class Cancelled(Exception):
     """The client went away: generation stops early."""
 
 
+MAX_MESSAGE_CHARS = 400  # an error message never carries more than this (it may quote user values)
+
+
+def shown(value, chars=40):
+    """A user value as quoted in an error message: its repr, cut to a short prefix."""
+    text = repr(value)
+    return text if len(text) <= chars else f"{text[:chars]}... ({len(text)} characters)"
+
+
 def error_response(e):
     # 408/413 leave part of the body unread: the connection cannot carry another request
     headers = {"Connection": "close"} if e.status in (408, 413) else None
-    return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.code}}, status_code=e.status,
+    message = e.message if len(e.message) <= MAX_MESSAGE_CHARS else e.message[:MAX_MESSAGE_CHARS] + "... (cut)"
+    return JSONResponse({"error": {"message": message, "type": e.kind, "code": e.code}}, status_code=e.status,
                         headers=headers)
 
 
@@ -131,6 +149,69 @@ class OriginGuard:
             refusal = error_response(APIError(403, reason, "permission_error", "origin_not_allowed"))
             return await refusal(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class RequestLimit:
+    """ASGI wrapper: at most `limit` HTTP requests in progress at once (a streamed reply counts until it ends); more
+    get 503 at once. Counted in requests, unlike uvicorn's limit, which counts idle connections too."""
+
+    def __init__(self, app, limit):
+        self.app, self.limit, self.active = app, limit, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.active >= self.limit:
+            busy = APIError(503, f"server busy: {self.limit} requests are in progress (--limit-concurrency); retry shortly",
+                            "server_busy", "too_many_requests")
+            return await error_response(busy)(scope, receive, send)
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+def guarded_http(header_timeout, max_connections):
+    """
+    uvicorn's HTTP protocol with two guards it lacks: a connection must send a whole request head within
+    header_timeout seconds of connecting (or of its last response), else it is closed; and past max_connections
+    the oldest connection still waiting for a head is closed to make room (if every connection is busy with a
+    request, the new one is). Both protocols uvicorn can pick (h11, httptools) start a new `cycle` per request head.
+    """
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class GuardedHTTP(AutoHTTPProtocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.head_timer = None
+            self.await_head()
+            if len(self.connections) > max_connections:
+                waiting = [c for c in self.connections if getattr(c, "head_timer", None) is not None and c.cycle is c.head_cycle]
+                oldest = min(waiting, key=lambda c: c.waiting_since)  # this one at least is waiting
+                oldest.transport.close()
+
+        def await_head(self):
+            """From now on the next request head must arrive within header_timeout."""
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_cycle, self.waiting_since = self.cycle, self.loop.time()
+            self.head_timer = self.loop.call_later(header_timeout, self.head_overdue)
+
+        def head_overdue(self):
+            if self.cycle is self.head_cycle and not self.transport.is_closing():  # no request head since
+                self.transport.close()
+
+        def on_response_complete(self):
+            self.await_head()  # before: the next (pipelined) request may start inside
+            super().on_response_complete()
+
+        def connection_lost(self, exc):
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+    return GuardedHTTP
 
 
 class Worker:
@@ -293,7 +374,7 @@ def validate(body, limits, openai, tokenizer, context):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise APIError(400, f"message {i} must be an object with a string 'content'")
         if m.get("role") not in ("system", "user", "assistant"):
-            raise APIError(400, f"message {i} has unknown role {m.get('role')!r}; use system, user or assistant")
+            raise APIError(400, f"message {i} has unknown role {shown(m.get('role'))}; use system, user or assistant")
         if m["role"] == "system" and i != 0:
             raise APIError(400, "a system message may only come first")
         if len(m["content"]) > limits.max_message_chars:
@@ -314,6 +395,8 @@ def validate(body, limits, openai, tokenizer, context):
         "stop": body_stop(body),
         "stream": body_flag(body, "stream") or not openai,  # the page's endpoint always streams
     }
+    if options["temperature"] < MIN_TEMPERATURE:
+        options["temperature"] = 0.0  # greedy: a smaller temperature could not change a token
     if options["stream"] and options["n"] > 1:
         raise APIError(400, "streaming supports n = 1 only")
     stream_options = body.get("stream_options")
@@ -363,6 +446,8 @@ def validate_completion(body, limits, tokenizer, context):
         ("max_tokens", 16, 0, limits.max_tokens, int), ("temperature", 1.0, 0.0, 2.0, float),
         ("top_p", 1.0, 1e-6, 1.0, float), ("seed", None, 0, 2**31 - 1, int), ("logprobs", None, 0, 20, int),
         ("n", 1, 1, 1, int))}
+    if options["temperature"] < MIN_TEMPERATURE:
+        options["temperature"] = 0.0
     options["echo"] = body_flag(body, "echo")
     if body_flag(body, "stream"):
         raise APIError(400, "streaming is not supported on /v1/completions; use /v1/chat/completions")
@@ -497,12 +582,13 @@ class Mailbox:
             fn(*args)
 
 
-def create_app(workers, limits=None, api_key=None, model_name="nanochat", origins=None):
+def create_app(workers, limits=None, api_key=None, model_name="nanochat", origins=None, docs=False):
     """origins: the web origins allowed to call us (Host and Origin checked, see OriginGuard); None checks neither
-    (tests, embedding) — the command line always passes loopback on its port + --allow-origin."""
+    (tests, embedding) — the command line always passes loopback on its port + --allow-origin. docs: serve /docs
+    and /openapi.json (behind the API key when there is one)."""
     limits = limits or Limits()
     pool = WorkerPool(workers, limits.max_queue, limits.queue_timeout)
-    app = FastAPI(title="nanochat")
+    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)  # FastAPI's own: no key check
     if origins is not None:
         app.add_middleware(OriginGuard, origins=origins)
     app.state.pool = pool
@@ -617,6 +703,19 @@ def create_app(workers, limits=None, api_key=None, model_name="nanochat", origin
     async def index():
         with open(ui_path, encoding="utf-8") as f:
             return HTMLResponse(f.read())
+
+    if docs:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi(request: Request):
+            check_key(request)
+            return app.openapi()
+
+        @app.get("/docs", include_in_schema=False)
+        async def swagger(request: Request):
+            check_key(request)
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="nanochat API")
 
     @app.get("/health")
     async def health():
@@ -779,8 +878,14 @@ def main(argv=None):
                    help="requests a worker decodes together (continuous batching); 1 = one request at a time")
     p.add_argument("--compile-decode", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the batched decode step (CUDA graphs on a GPU); auto: only where it measures faster")
-    p.add_argument("--limit-concurrency", type=int, default=64, help="most open connections; beyond, uvicorn answers 503")
+    p.add_argument("--limit-concurrency", type=int, default=64, help="most requests in progress at once; beyond, 503")
+    p.add_argument("--header-timeout", type=float, default=5.0,
+                   help="seconds a connection has to send a whole request head (after connecting or after a response)")
+    p.add_argument("--max-connections", type=int, default=500,
+                   help="most open connections (keep it below `ulimit -n`); past it the oldest idle one is closed")
     p.add_argument("--timeout-keep-alive", type=int, default=5, help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--docs", action="store_true",
+                   help="serve /docs (Swagger UI, which loads its assets from a CDN) and /openapi.json, behind --api-key")
     for field, default in vars(Limits()).items():
         p.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default, help=LIMIT_HELP[field])
     args = p.parse_args(argv)
@@ -790,8 +895,10 @@ def main(argv=None):
             p.error(f"--allow-origin {origin!r} is not an origin: write scheme://host[:port], e.g. https://chat.example.com")
     device_type = args.device_type or autodetect_device_type()
     n = args.num_workers or (torch.cuda.device_count() if device_type == "cuda" else 1)
-    if n < 1 or args.batch_slots < 1:
-        p.error("--num-workers and --batch-slots must be >= 1")
+    if n < 1 or args.batch_slots < 1 or args.limit_concurrency < 1 or args.max_connections < 1:
+        p.error("--num-workers, --batch-slots, --limit-concurrency and --max-connections must be >= 1")
+    if not args.header_timeout > 0:
+        p.error("--header-timeout must be > 0")
     workers = []
     for i in range(n):
         device = torch.device("cuda", i % torch.cuda.device_count()) if device_type == "cuda" else torch.device(device_type)
@@ -806,12 +913,12 @@ def main(argv=None):
     limits = Limits(**{f: getattr(args, f) for f in vars(Limits())})
     origins = [f"http://{name}:{args.port}" for name in ("127.0.0.1", "localhost", "[::1]")] + args.allow_origin
     app = create_app(workers, limits, api_key=args.api_key, model_name=f"nanochat-{args.source}-step{meta['step']}",
-                     origins=origins)
+                     origins=origins, docs=args.docs)
     print(f"nanochat chat server: http://{args.host}:{args.port}/  ({n} worker(s) x {args.batch_slots} slots, "
           f"{args.source} model step {meta['step']}; "
           f"serving {', '.join(origins)})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", limit_concurrency=args.limit_concurrency,
-                timeout_keep_alive=args.timeout_keep_alive)
+    uvicorn.run(RequestLimit(app, args.limit_concurrency), host=args.host, port=args.port, log_level="warning",
+                http=guarded_http(args.header_timeout, args.max_connections), timeout_keep_alive=args.timeout_keep_alive)
     for worker in workers:  # let the batch threads leave torch before the interpreter exits
         if worker.scheduler is not None:
             worker.scheduler.close()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import shakespeare
+from nanochat import engine as engine_module
 from nanochat.engine import BatchScheduler, Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
@@ -108,6 +109,46 @@ def test_several_rows_and_seeded_sampling_do_not_depend_on_neighbours(tokenizer)
         collect(r)
     lonely = BatchScheduler(engine, slots=6, max_len=96)
     assert collect(lonely.submit(ps[1], num_samples=3, seed=7, **kwargs)) == want
+
+
+def test_a_failing_request_ends_alone_and_its_slot_is_reset(tokenizer, monkeypatch):
+    """
+    One request's row gets an id far outside the vocabulary (a planted sampler bug; such an id used to stay in its
+    freed slot and fail every later step that computed the slot), another's consumer raises at its third step:
+    each ends with its own error, and the requests sharing their steps, and one that takes their slots after
+    them, get exactly the tokens they get alone.
+    """
+    engine = Engine(random_gpt(tokenizer, seed=4), tokenizer, calculator=lambda e: "0")
+    ps = prompts(tokenizer)
+    want = [alone(engine, p, max_tokens=20, temperature=0) for p in ps]
+    real, bad = engine_module.sample_next, 10**6
+
+    def planted(logits, rngs, temperature=1.0, top_k=None, top_p=None):  # rows sampled at temperature 0.5 get `bad`
+        ids = real(logits, rngs, temperature, top_k, top_p)
+        temps = temperature if isinstance(temperature, list) else [temperature] * len(ids)
+        return torch.tensor([bad if t == 0.5 else i for t, i in zip(temps, ids.tolist())])
+    monkeypatch.setattr(engine_module, "sample_next", planted)
+    scheduler = BatchScheduler(engine, slots=8, max_len=96)
+    seen, ends = [], []
+
+    def raising(event):
+        if event is None or isinstance(event, BaseException):
+            return ends.append(event)
+        seen.append(event)
+        if len(seen) == 3:
+            raise RuntimeError("the consumer broke")
+    with scheduler.cond:  # admitted together, in this order: victims in slots 0-1, the bad row in slot 2
+        victims = [scheduler.submit(p, max_tokens=20, temperature=0) for p in ps[:2]]
+        poisoned = scheduler.submit(ps[2], max_tokens=20, temperature=0.5, seed=1)
+        broken = scheduler.submit(ps[3], max_tokens=20, temperature=0, on_event=raising)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        collect(poisoned)
+    later = scheduler.submit(ps[4], max_tokens=20, temperature=0)  # into a freed slot
+    assert [collect(v) for v in victims] == want[:2]
+    assert collect(later) == want[4]
+    assert len(seen) == 3 and len(ends) == 1 and str(ends[0]) == "the consumer broke"
+    assert scheduler.free_slots() == 8
+    scheduler.close()
 
 
 class Slow(torch.nn.Module):

@@ -9,7 +9,7 @@ import torch
 
 from conftest import shakespeare
 from nanochat.engine import Engine, KVCache, Utf8Stream
-from nanochat.sampling import row_rngs, sample_next
+from nanochat.sampling import MIN_TEMPERATURE, row_rngs, sample_next
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -102,6 +102,34 @@ def test_sampling_edge_cases():
     assert draws == {1}
     draws = {sample_next(logits, g, temperature=1.0, top_p=0.95).item() for _ in range(400)}
     assert draws == {1, 3}
+
+
+def test_sampling_never_leaves_the_vocabulary():
+    """Degenerate distributions (a temperature far below 1, huge/inf/NaN logits) fall back to the argmax; an id
+    equal to the vocabulary size (what an overflowing `logits / T` used to give) must never come back."""
+    torch.manual_seed(0)
+    V, normal = 448, torch.randn(1, 448) * 3
+    rows = {
+        "T=1e-40": (normal, 1e-40), "T=1e-300": (normal, 1e-300), "T just above MIN_TEMPERATURE": (normal, 2 * MIN_TEMPERATURE),
+        "huge logits": (normal * 1e37, 0.5), "one +inf": (normal.index_fill(1, torch.tensor([7]), float("inf")), 1.0),
+        "all -inf": (torch.full((1, V), float("-inf")), 1.0), "NaN row": (torch.full((1, V), float("nan")), 1.0),
+        "one NaN": (normal.index_fill(1, torch.tensor([3]), float("nan")), 1e-40),
+    }
+    logits = torch.cat([x for x, _ in rows.values()])
+    temps = [t for _, t in rows.values()]
+    for top_k, top_p in ((None, None), (50, None), (None, 0.9), (0, 0.5)):
+        for seed in range(20):
+            ids = sample_next(logits, row_rngs(seed, len(rows)), temps, top_k, top_p).tolist()
+            assert all(0 <= i < V for i in ids), dict(zip(rows, ids))
+            greedy = normal.argmax().item()
+            assert ids[0] == ids[1] == ids[2] == greedy  # below (or barely above) MIN_TEMPERATURE: the argmax
+            assert ids[3] == greedy and ids[4] == 7  # the largest logit wins; +inf is the likeliest
+            assert ids[7] == greedy  # a NaN logit is never picked
+    # the same settings one row at a time give the same ids: a degenerate row changes nothing beside it
+    for i, (x, t) in enumerate(rows.values()):
+        assert sample_next(x, row_rngs(i, 1), t).tolist() == sample_next(logits, row_rngs(0, len(rows)), temps).tolist()[i:i + 1]
+    with pytest.raises(ValueError):
+        sample_next(normal, row_rngs(0, 1), temperature=float("nan"))
 
 
 def reference_distribution(logits, temperature, top_k=None, top_p=None):

@@ -3,7 +3,9 @@ The chat server under attack: one table of hostile requests, each sent over a ra
 uvicorn on 127.0.0.1, with the status (or outcome) it must get. Two servers: `cli` is
 `python -m scripts.chat_web` from a saved tiny checkpoint with its default guards (no API key, like the
 server that was attacked); `stub` is create_app() in a thread with a slow scripted worker that raises on
-'~' (queue timeouts, disconnects, internal errors) and an API key. After the table both must still answer.
+'~' (queue timeouts, disconnects, internal errors), an API key and --docs; `batched` is create_app() over a
+slowed random model with 16 batch slots, for attacks on the requests that share a decode step. After the
+table all three must still answer.
 """
 
 import http.client
@@ -20,8 +22,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import REPO_ROOT, wait_for_server
+from conftest import REPO_ROOT, shakespeare, wait_for_server
 from nanochat.checkpoint import save_checkpoint
+from nanochat.tokenizer import RustBPETokenizer
 from scripts.chat_web import Limits, create_app
 from test_web import HELLO, Server, chromium_driver, random_worker, scripted_worker, tokenizer  # noqa: F401 (fixture)
 
@@ -53,7 +56,8 @@ def cli(tokenizer, tmp_path_factory):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1")
     server = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "-i", "sft", "--port", str(port), "--dtype",
                                "float32", "--allow-origin", "https://chat.example.test", "--body-timeout", "2",
-                               "--limit-concurrency", "8"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                               "--limit-concurrency", "8", "--header-timeout", "2", "--max-connections", "64"],
+                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_server(server, port)
@@ -75,8 +79,28 @@ def stub(tokenizer):
             raise RuntimeError(SECRET)
         return forward(idx, kv_cache)
     model.forward = exploding
-    with Server(create_app([worker], Limits(queue_timeout=1.0), api_key=KEY)) as server:
+    with Server(create_app([worker], Limits(queue_timeout=1.0), api_key=KEY, docs=True)) as server:
         yield Target(server.port, KEY)
+
+
+@pytest.fixture(scope="module")
+def batched():
+    # a vocabulary that fills its 64-row padding exactly, as a 32768 one does: an id equal to the vocabulary size
+    # is then outside the embedding too, and a shared step that feeds one fails for every row in it
+    text = shakespeare(100_000)
+    tokenizer = RustBPETokenizer.train_from_iterator(iter([text[i:i + 1000] for i in range(0, len(text), 1000)]), 448)
+    assert tokenizer.get_vocab_size() % 64 == 0
+    worker = random_worker(tokenizer, slots=16)
+    model = worker.engine.model
+    forward = model.forward
+
+    def slowed(idx, kv_cache=None):  # ~40 steps of a victim's reply take over a second: the attack lands among them
+        time.sleep(0.03)
+        return forward(idx, kv_cache=kv_cache)
+    model.forward = slowed
+    with Server(create_app([worker])) as server:
+        yield Target(server.port)
+    worker.scheduler.close()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -187,17 +211,109 @@ def stalled_body():
     return action
 
 
-def idle_connections(n, then):
-    """n connections that never send a byte, then `then` on one more."""
+def silent_connections(n, trickle=False):
+    """
+    n connections that send nothing (trickle: a byte of a request head every 0.5 s). While they are open a normal
+    chat request must be served; then the server must close every one of them (the cli server: --header-timeout 2;
+    --max-connections 64 closes the oldest waiting ones at once). -> the chat's (status, text), or ('N still open', '').
+    """
     def action(target):
-        idle = [connect(target) for _ in range(n)]
+        socks = [connect(target) for _ in range(n)]
+        stop, head = threading.Event(), b"GET /health HTTP/1.1\r\nX-Slow: " + b"a" * 100
+
+        def drip():
+            for i in range(len(head)):
+                if stop.wait(0.5):
+                    return
+                for s in socks:
+                    try:
+                        s.send(head[i:i + 1])
+                    except OSError:
+                        pass  # closed by the server: what we want
+        dripper = threading.Thread(target=drip, daemon=True)
+        if trickle:
+            dripper.start()
         try:
             time.sleep(0.5)  # let the server accept them all
-            return then(target)
+            outcome = chat(HELLO, max_tokens=3, temperature=0)(target)
+            still_open, deadline = 0, time.time() + 10
+            for s in socks:
+                s.settimeout(max(0.1, deadline - time.time()))
+                try:
+                    while s.recv(65536):  # whatever the server says before it closes
+                        pass
+                except TimeoutError:
+                    still_open += 1
+                except OSError:
+                    pass  # reset: closed
+            return outcome if not still_open else (f"{still_open} still open", "")
         finally:
-            for s in idle:
+            stop.set()
+            for s in socks:
                 s.close()
     return action
+
+
+def stalled_requests(n, then):
+    """n requests whose body stalls half-way (in progress until --body-timeout, 2 s), then `then` on one more."""
+    def action(target):
+        socks = [connect(target) for _ in range(n)]
+        try:
+            for s in socks:
+                s.sendall(head(target, "POST", "/v1/chat/completions", 100, Content_Type="application/json") + b'{"mess')
+            time.sleep(0.3)
+            return then(target)
+        finally:
+            for s in socks:
+                s.close()
+    return action
+
+
+def stream_text(target, max_tokens):
+    """A greedy streamed chat -> (status, its text, finish reason), or (status, 'error', the stream) on an error event."""
+    with connect(target, timeout=60) as sock:
+        body = json.dumps(dict(messages=HELLO, max_tokens=max_tokens, temperature=0, stream=True)).encode()
+        sock.sendall(head(target, "POST", "/v1/chat/completions", len(body), Content_Type="application/json") + body)
+        status, stream = response(sock)
+    events = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+    if status != 200 or any("error" in e for e in events) or not stream.rstrip().endswith("data: [DONE]"):
+        return status, "error", stream[-300:]
+    choices = [c for e in events for c in e["choices"]]
+    return status, "".join(c["delta"].get("content", "") for c in choices), [c["finish_reason"] for c in choices][-1]
+
+
+def with_victims(attack, victims=3):
+    """
+    `attack` while `victims` greedy streams share its decode steps (they are admitted first, so the attacker's row
+    sits after theirs); each victim, and a request that comes after, must finish cleanly with the reply it gets
+    alone. -> the attack's outcome.
+    """
+    def action(target):
+        alone = stream_text(target, 40)
+        assert alone[0] == 200 and alone[1] != "error" and alone[2] == "length", alone  # 40 tokens: long enough
+        got = [None] * victims
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, stream_text(target, 40))) for i in range(victims)]
+        for t in threads:
+            t.start()
+        assert wait_busy(target, victims), "the victims never took their slots"
+        outcome = attack(target)
+        for t in threads:
+            t.join(timeout=60)
+        got.append(stream_text(target, 40))
+        for reply in got:
+            assert reply == alone, f"a victim was hurt: {reply}"
+        return outcome
+    return action
+
+
+def tiny_temperature_is_greedy(target):
+    """/v1/completions at temperature 1e-40 -> 'greedy' when its text equals temperature 0's."""
+    texts = []
+    for temperature in (1e-40, 0):
+        status, text = post("/v1/completions", {"prompt": "hello", "max_tokens": 12, "temperature": temperature})(target)
+        assert status == 200, text
+        texts.append(json.loads(text)["choices"][0]["text"])
+    return ("greedy" if texts[0] == texts[1] else f"differs: {texts}"), ""
 
 
 def while_busy(then):
@@ -274,20 +390,37 @@ ATTACKS = [
     ("client leaves /v1/completions", "stub", leave_completion, "freed", None, None),
     # 10. slow clients
     ("half a body, then silence", "cli", stalled_body(), 408, "did not arrive within 2s", None),
-    ("more connections than --limit-concurrency", "cli", idle_connections(8, send("GET", "/health")), 503, None, None),
+    ("more requests in progress than --limit-concurrency", "cli", stalled_requests(8, send("GET", "/health")), 503,
+     "--limit-concurrency", None),
+    # issue 23: one bad request must not hurt anyone else
+    ("temperature 1e-40 in a shared batch (chat)", "batched",
+     with_victims(chat(HELLO, max_tokens=8, temperature=1e-40, top_k=0)), 200, "chat.completion", None),
+    ("temperature 1e-40 in a shared batch (/v1/completions)", "batched",
+     with_victims(post("/v1/completions", {"prompt": "hello", "max_tokens": 8, "temperature": 1e-40})), 200,
+     "text_completion", None),
+    ("temperature 1e-40 is greedy", "batched", tiny_temperature_is_greedy, "greedy", None, None),
+    ("100 connections that send nothing", "cli", silent_connections(100), 200, "chat.completion", None),
+    ("100 connections sending a header byte every 0.5 s", "cli", silent_connections(100, trickle=True), 200,
+     "chat.completion", None),
+    ("a 900 KB role is not echoed", "cli", chat([{"role": "x" * 900_000, "content": "hi"}]), 400, "unknown role", "x" * 100),
+    ("/docs is off by default", "cli", send("GET", "/docs"), 404, None, None),
+    ("/openapi.json is off by default", "cli", send("GET", "/openapi.json"), 404, None, None),
+    ("--docs: /openapi.json without the key", "stub", send("GET", "/openapi.json", Authorization=None), 401, "API key", None),
+    ("--docs: /docs without the key", "stub", send("GET", "/docs", Authorization=None), 401, "API key", None),
+    ("--docs: /openapi.json with the key", "stub", send("GET", "/openapi.json"), 200, '"/v1/chat/completions"', None),
 ]
 
 
 @pytest.mark.parametrize("name, server, request_, status, needle, secret", ATTACKS, ids=[row[0] for row in ATTACKS])
-def test_attack(name, server, request_, status, needle, secret, cli, stub):
-    got, text = request_({"cli": cli, "stub": stub}[server])
+def test_attack(name, server, request_, status, needle, secret, cli, stub, batched):
+    got, text = request_({"cli": cli, "stub": stub, "batched": batched}[server])
     assert got == status, (got, text[:500])
     assert all(n in text for n in ((needle,) if isinstance(needle, str) else needle or ())), text[:500]
     assert secret is None or secret not in text, text[:500]
 
 
-def test_still_serving_after_the_attacks(cli, stub):
-    for target in (cli, stub):
+def test_still_serving_after_the_attacks(cli, stub, batched):
+    for target in (cli, stub, batched):
         status, text = send("GET", "/health")(target)
         assert status == 200 and json.loads(text)["status"] == "ok"
         status, text = chat(HELLO, max_tokens=3, temperature=0)(target)
