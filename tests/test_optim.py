@@ -1,9 +1,14 @@
-"""Optimizers and schedules: Newton-Schulz, AdamW against torch's, the LR and momentum schedules."""
+"""Optimizers and schedules: Newton-Schulz and Polar Express, AdamW against torch's, NorMuon and cautious decay against
+per-element references, the LR and momentum schedules."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
-from nanochat.optim import AdamW, Muon, lr_multiplier, muon_momentum, zeropower_via_newtonschulz5
+from nanochat.optim import (ORTHOGONALIZERS, AdamW, Muon, _minimax_quintic, lr_multiplier, muon_momentum, normuon_scale,
+                            polar_express, polar_express_coefficients, zeropower_via_newtonschulz5)
 
 
 @pytest.mark.parametrize("shape", [(64, 256), (256, 64), (128, 512), (3, 48, 96)])
@@ -81,3 +86,115 @@ def test_muon_momentum_schedule():
     assert muon_momentum(150) == pytest.approx(0.90)
     assert muon_momentum(300) == pytest.approx(0.95)
     assert muon_momentum(10_000) == pytest.approx(0.95)
+
+
+# -------------------------------------------------------------------------------------------------
+# Polar Express, NorMuon, cautious weight decay (issue 21)
+
+def test_minimax_quintic_equioscillates():
+    """The Remez result is the minimax quintic: |p - 1| reaches its maximum E at 4 points with alternating signs."""
+    for lo, hi in ((1e-3, 1.0), (0.05, 1.02), (0.6, 1.1)):
+        a, b, c = _minimax_quintic(lo, hi)
+        x = np.linspace(lo, hi, 200_001)
+        err = a * x + b * x ** 3 + c * x ** 5 - 1
+        E = np.abs(err).max()
+        assert abs(err[0] + E) < 1e-6 * max(E, 1) and abs(err[-1] - E) < 1e-6 * max(E, 1)  # -E at lo, +E at hi
+        interior = err[1:-1]
+        assert abs(interior.max() - E) < 1e-6 and abs(interior.min() + E) < 1e-6
+        assert x[1 + interior.argmax()] < x[1 + interior.argmin()]  # max first, then min: the alternation
+
+
+def test_polar_express_band_is_where_every_singular_value_ends():
+    """The composed scalar quintics take every x in [1e-3, 1 + safety] into the stated band, and reach both ends."""
+    coefficients, (lo, hi) = polar_express_coefficients(5)
+    x = np.concatenate([np.geomspace(1e-3, 1.02, 200_001), [1.0]])
+    for a, b, c in coefficients:
+        x = a * x + b * x ** 3 + c * x ** 5
+    assert x.min() >= lo - 1e-12 and x.max() <= hi + 1e-12
+    assert x.min() < lo + 1e-9 and x.max() > hi - 1e-3  # the band is tight, not merely safe
+
+
+def test_polar_express_equals_a_float64_svd_reference():
+    """
+    Every singular value s of G goes through the composed scalar quintics, the singular vectors stay G's: the
+    fp32 result equals U f(S) V^T computed in float64 from G's SVD, and f(S) lies in the documented band for
+    singular values in [lo, 1] after scaling by the Frobenius norm.
+    """
+    coefficients, (lo, hi) = polar_express_coefficients(5)
+    assert 0.85 < lo < 1 < hi < 1.15 and abs(lo + hi - 2) < 1e-12  # the band is symmetric around 1
+    g = torch.Generator().manual_seed(0)
+    for rows, cols in ((48, 96), (96, 48), (64, 64)):
+        k = min(rows, cols)
+        U, _ = torch.linalg.qr(torch.randn(rows, k, generator=g, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(cols, k, generator=g, dtype=torch.float64))
+        s = torch.logspace(-2, 0, k, dtype=torch.float64)  # well inside [lo, 1] once scaled
+        G = U @ torch.diag(s) @ V.T
+        x = s / (G.norm() + 1e-7)
+        assert x.min() >= 1e-3
+        for a, b, c in coefficients:
+            x = a * x + b * x ** 3 + c * x ** 5
+        assert (x >= lo - 1e-9).all() and (x <= hi + 1e-9).all()
+        reference = U @ torch.diag(x) @ V.T
+        ours = polar_express(G.float(), dtype=torch.float32).double()
+        assert (ours - reference).abs().max() < 2e-4, (ours - reference).abs().max()
+        ns = torch.linalg.svdvals(zeropower_via_newtonschulz5(G.float()).double())
+        assert torch.linalg.svdvals(ours).min() > ns.min()  # the worst case is better than Newton-Schulz's
+
+
+def slow_normuon(update, second_moment, beta2, eps=1e-10):
+    """NorMuon element by element, in float64 Python."""
+    rows, cols = len(update), len(update[0])
+    per_row = rows <= cols
+    n = rows if per_row else cols
+    mean_sq = [sum((update[i][j] if per_row else update[j][i]) ** 2 for j in range(cols if per_row else rows))
+               / (cols if per_row else rows) for i in range(n)]
+    v = [beta2 * second_moment[i] + (1 - beta2) * mean_sq[i] for i in range(n)]
+    scaled = [[update[i][j] / (math.sqrt(v[i if per_row else j]) + eps) for j in range(cols)] for i in range(rows)]
+    norm = lambda m: math.sqrt(sum(y * y for r in m for y in r))  # noqa: E731
+    ratio = norm(update) / (norm(scaled) + eps)
+    return [[y * ratio for y in r] for r in scaled], v
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
+def test_normuon_equals_a_per_element_reference(shape):
+    torch.manual_seed(0)
+    side = (shape[0], 1) if shape[0] <= shape[1] else (1, shape[1])
+    moment = torch.rand(side)
+    expected_moment = moment.flatten().tolist()
+    for _ in range(3):
+        update = torch.randn(shape) * torch.linspace(0.1, 3, shape[1])  # columns (and rows) of unequal size
+        expected, expected_moment = slow_normuon(update.tolist(), expected_moment, 0.9)
+        got = normuon_scale(update, moment, 0.9)
+        torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(moment.flatten().double(), torch.tensor(expected_moment, dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cautious", [True, False])
+@pytest.mark.parametrize("orthogonalize, beta2", [("newton_schulz", None), ("polar_express", 0.9)])
+def test_muon_step_with_decay_equals_a_per_element_reference(cautious, orthogonalize, beta2):
+    """Two Muon steps against the same steps written out element by element from the orthogonalised update."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 16))
+    weight = p.detach().double().tolist()
+    lr, wd, mu = 0.05, 0.3, 0.9
+    opt = Muon([p], lr=lr, momentum=mu, nesterov=True, orthogonalize=orthogonalize, beta2=beta2, weight_decay=wd,
+               cautious=cautious)
+    buf, moment = torch.zeros(8, 16), torch.zeros(8, 1)
+    for _ in range(2):
+        grad = torch.randn(8, 16)
+        p.grad = grad.clone()
+        buf = buf.lerp(grad, 1 - mu)
+        g = ORTHOGONALIZERS[orthogonalize](torch.lerp(grad, buf, mu), dtype=torch.float32)
+        if beta2 is not None:
+            g = normuon_scale(g, moment, beta2)
+        g = g.tolist()
+        for i in range(8):
+            for j in range(16):
+                w = weight[i][j]
+                decays = not cautious or g[i][j] * w > 0
+                weight[i][j] = w - lr * wd * w * decays - lr * g[i][j]  # aspect 8/16: scale 1
+        opt.step()
+    torch.testing.assert_close(p.detach().double(), torch.tensor(weight, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    if beta2 is not None:
+        assert opt.state[p]["second_moment"].shape == (8, 1)  # rows <= cols: per row
