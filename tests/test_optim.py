@@ -198,3 +198,95 @@ def test_muon_step_with_decay_equals_a_per_element_reference(cautious, orthogona
     torch.testing.assert_close(p.detach().double(), torch.tensor(weight, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     if beta2 is not None:
         assert opt.state[p]["second_moment"].shape == (8, 1)  # rows <= cols: per row
+
+
+MUON_2RANKS = r"""
+import sys, torch, torch.distributed as dist
+from nanochat.optim import Muon
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+shapes = [(8, 16)] * 3 + [(16, 8)]  # three of one shape: the last chunk is padded
+def run(ranks):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = Muon(params, lr=0.05, momentum=0.9, orthogonalize="polar_express", beta2=0.9, weight_decay=0.2)
+    for step in range(3):
+        for i, p in enumerate(params):  # rank r's gradient; one process averages every rank's itself
+            grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + 10 * i + r)) for r in ranks]
+            p.grad = torch.stack(grads).mean(0)
+        opt.step()
+    return params, opt
+params, opt = run([rank])  # this rank's own gradients; the optimizer averages them across ranks
+torch.save({"params": [p.detach() for p in params], "state": {i: opt.state[p] for i, p in enumerate(params) if p in opt.state}},
+           f"{sys.argv[1]}/rank{rank}.pt")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_muon_new_state_on_two_gloo_ranks_equals_one_process(tmp_path):
+    """Polar Express + NorMuon + decay over 2 gloo ranks == one process with the averaged gradients: the same
+    weights on both ranks, and each matrix's second moment kept by exactly one rank, equal to the one-process one."""
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO_ROOT
+    script = tmp_path / "child.py"
+    script.write_text(MUON_2RANKS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", PYTHONPATH=REPO_ROOT)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # one process, both ranks' gradients averaged (the same generator seeds as the children)
+    shapes = [(8, 16)] * 3 + [(16, 8)]
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = Muon(params, lr=0.05, momentum=0.9, orthogonalize="polar_express", beta2=0.9, weight_decay=0.2)
+    for step in range(3):
+        for i, p in enumerate(params):
+            grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + 10 * i + r)) for r in range(2)]
+            p.grad = torch.stack(grads).mean(0)
+        opt.step()
+    for r in ranks:
+        for got, want in zip(r["params"], params):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+    owners = {i: [r for r in range(2) if i in ranks[r]["state"]] for i in range(len(params))}
+    assert all(len(o) == 1 for o in owners.values()), owners  # sharded: one owner per matrix
+    for i, p in enumerate(params):
+        kept = ranks[owners[i][0]]["state"][i]
+        torch.testing.assert_close(kept["second_moment"], opt.state[p]["second_moment"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(kept["momentum_buffer"], opt.state[p]["momentum_buffer"], rtol=1e-5, atol=1e-7)
+
+
+def test_muon_resumes_exactly_with_its_new_state(tmp_path):
+    """The state dict (momentum and NorMuon's second moments) saved and loaded into a fresh optimizer continues
+    bit for bit; a fresh optimizer without it does not (so the check can tell)."""
+    def make():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.randn(16, 8))]
+        return params, Muon(params, lr=0.05, orthogonalize="polar_express", beta2=0.9, weight_decay=0.2)
+
+    def steps(params, opt, seeds):
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+    params, opt = make()
+    steps(params, opt, [1, 2])
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    steps(params, opt, [3, 4])
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all("second_moment" in s for s in saved["opt"]["state"].values())
+    for with_state in (True, False):
+        resumed, opt2 = make()
+        with torch.no_grad():
+            for p, w in zip(resumed, saved["params"]):
+                p.copy_(w)
+        if with_state:
+            opt2.load_state_dict(saved["opt"])
+        steps(resumed, opt2, [3, 4])
+        same = all(torch.equal(a, b) for a, b in zip(params, resumed))
+        assert same == with_state
