@@ -62,6 +62,19 @@ def local_data_file(*parts):
     return path
 
 
+class FetchError(RuntimeError):
+    """
+    Remote data that could not be fetched. Its message is one line: what, from where, why, and what
+    to set instead; stages print it as `error: ...` and exit, without a traceback.
+    """
+
+    def __init__(self, what, source, reason, mirror_hint=None):
+        hint = "to run offline, set NANOCHAT_LOCAL_DATA to a folder laid out like ../shared/data"
+        if mirror_hint:
+            hint += f" (or {mirror_hint})"
+        super().__init__(f"could not fetch {what} from {source} ({reason}); {hint}")
+
+
 def open_text(path):
     """A UTF-8 text handle on `path`, decompressing it when it ends in .gz."""
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")

@@ -18,9 +18,11 @@ tokens from the left (the continuation is always kept).
 Distributed: rank r scores items r, r + W, ...; (correct, total) counts are summed over ranks.
 """
 
+import http.client
 import json
 import os
 import random
+import urllib.error
 import urllib.request
 import zipfile
 
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import atomic_write, get_base_dir, local_data_dir
+from nanochat.common import FetchError, atomic_write, get_base_dir, local_data_dir
 
 # label, file, type, shots, delimiter, random baseline (%)
 CORE_TASKS = [
@@ -71,9 +73,13 @@ def core_data_dir():
     url = os.environ.get("NANOCHAT_EVAL_BUNDLE_URL", BUNDLE_URL)
     print(f"downloading the CORE eval bundle from {url}")
     zip_path = root + ".zip"
-    with urllib.request.urlopen(url, timeout=120) as response, atomic_write(zip_path, "wb") as f:
-        while chunk := response.read(1 << 20):
-            f.write(chunk)
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response, atomic_write(zip_path, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+        raise FetchError("the CORE eval bundle", url, getattr(e, "reason", None) or e,
+                         "NANOCHAT_EVAL_BUNDLE_URL to a mirror of eval_bundle.zip, http(s):// or file://") from e
     try:
         with zipfile.ZipFile(zip_path) as z:
             z.extractall(root)

@@ -31,12 +31,16 @@ def apply_schedule(optimizers, lr_multiplier, momentum=None):
     return lr_multiplier
 
 
-def _all_sum(value, device):
-    """value (a number or a 0-d tensor) summed over the ranks, as a Python float."""
-    t = torch.as_tensor(value, device=device).to(torch.float64)
+def all_sum(value, device):
+    """
+    value (a number, a list of numbers, or a tensor) summed over the ranks, as Python number(s):
+    integers exactly in int64, reals in float32 (never float64 on the device: Apple MPS has none).
+    """
+    t = torch.as_tensor(value, device=device)
+    t = t.to(torch.float32 if t.is_floating_point() else torch.int64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item()
+    return t.tolist()
 
 
 def accumulate_gradients(model, micro_batches, autocast, world_size=1):
@@ -49,7 +53,7 @@ def accumulate_gradients(model, micro_batches, autocast, world_size=1):
     """
     device = micro_batches[0][0].device if micro_batches else model.get_device()
     local_tokens = sum((mb[1] != -1).sum() for mb in micro_batches)  # a tensor: one sync below, not one per batch
-    tokens = int(_all_sum(local_tokens, device))
+    tokens = int(all_sum(local_tokens, device))
     if tokens == 0:
         return 0.0, 0
     scale = world_size / tokens
@@ -69,7 +73,7 @@ def accumulate_gradients(model, micro_batches, autocast, world_size=1):
         for p in model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-    return _all_sum(step_loss, device) / tokens, tokens
+    return all_sum(step_loss, device) / tokens, tokens
 
 
 def train_step(model, optimizers, micro_batches, autocast, world_size=1):

@@ -25,7 +25,8 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_checkpoint_args(p, default_source="base")
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass")
-    p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens to evaluate per split")
+    p.add_argument("--split-tokens", type=int, default=20 * 524288,
+                   help="tokens to evaluate per split, at most (never more than one pass of the split)")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")
     args = p.parse_args(argv)
     print0(f"flags: {vars(args)}")
@@ -39,10 +40,11 @@ def main(argv=None):
 
     results = {}
     for split in ("train", "val"):
-        loader = DataLoader(tokenizer, args.device_batch_size, T, split, device, rank=rank, world_size=world_size)
-        bpb = evaluate_bpb(model, iter(loader), steps, token_bytes, autocast=autocast)
-        results[f"{split} bpb"] = bpb
-        print0(f"{split} bpb: {bpb:.4f}")
+        loader = DataLoader(tokenizer, args.device_batch_size, T, split, device, rank=rank, world_size=world_size,
+                            loop=False)
+        bpb, tokens = evaluate_bpb(model, loader, steps, token_bytes, autocast=autocast)
+        results[f"{split} bpb"], results[f"{split} tokens evaluated"] = bpb, tokens
+        print0(f"{split} bpb: {bpb:.4f} over {tokens:,} tokens")
 
     samples = []
     if rank == 0:

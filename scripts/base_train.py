@@ -78,11 +78,15 @@ def parse_args(argv=None):
     p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a share of the peak")
     # evaluation, sampling, checkpoints
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end; -1: end only)")
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288,
+                   help="val tokens per evaluation, at most (never more than one pass of the val split)")
     p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1: end only)")
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
     p.add_argument("--log-every", type=int, default=1, help="print/log metrics every N steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--log-data-checksum", action="store_true",
+                   help="debug: log a checksum of each step's tokens (one more all-reduce per step; the tests "
+                        "compare it between runs to prove that resumes and rank splits see the same data)")
     add_loop_args(p, "base", save_every=1000, seed=42, seed_help="model init seed")
     # planning
     p.add_argument("--dry-run", action="store_true", help="print sizes, budget, memory and time estimates, then exit")
@@ -247,15 +251,17 @@ def main(argv=None):
     log = StageLog(checkpoint_dir, args, "nanochat", master)
 
     def evaluate(step):
+        # at most one pass of the val split (loop=False): a small split is not counted twice
         eval_steps = max(1, args.eval_tokens // world_tokens_per_micro)
         val_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device,
-                                rank=rank, world_size=world_size)
+                                rank=rank, world_size=world_size, loop=False)
         orig_model.eval()
-        bpb = evaluate_bpb(orig_model, iter(val_loader), eval_steps, token_bytes, autocast=autocast)
+        bpb, tokens = evaluate_bpb(orig_model, val_loader, eval_steps, token_bytes, autocast=autocast)
         orig_model.train()
         state.val_bpb = bpb
         state.min_val_bpb = bpb if state.min_val_bpb is None else min(state.min_val_bpb, bpb)
-        log.eval(step, f"val bpb {bpb:.4f}", {"val_bpb": bpb}, {"val/bpb": bpb})
+        log.eval(step, f"val bpb {bpb:.4f} over {tokens:,} tokens", {"val_bpb": bpb, "val_tokens": tokens},
+                 {"val/bpb": bpb})
 
     def sample():
         orig_model.eval()
@@ -268,7 +274,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------------------------------
     # the loop: step s trains on the s-th batch; a checkpoint at step s holds the state before it
-    position_weights = torch.arange(1, args.max_seq_len + 1, device=device)
+    position_weights = torch.arange(1, args.max_seq_len + 1, device=device)  # for --log-data-checksum
     stop = StopRequest(device)
     while True:
         step = state.step
@@ -291,9 +297,11 @@ def main(argv=None):
         lrm = apply_schedule(optimizers, lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio,
                                                        args.final_lr_frac), muon_momentum(step))
         micro_batches = [next(reader_iters[k])[:2] for k in range(grad_accum)]
-        checksum = sum((x * position_weights).sum() for x, _ in micro_batches)  # which tokens this step saw
-        if ddp:
-            dist.all_reduce(checksum, op=dist.ReduceOp.SUM)
+        checksum = None
+        if args.log_data_checksum:  # which tokens this step saw; a debug aid, off the production path
+            checksum = sum((x * position_weights).sum() for x, _ in micro_batches)
+            if ddp:
+                dist.all_reduce(checksum, op=dist.ReduceOp.SUM)
         # the loss is the mean over every token of the step, all ranks (logged after the step, a sync point)
         loss_value, _ = train_step(model, optimizers, micro_batches, autocast, world_size)
         dt = time.time() - t0
@@ -302,10 +310,12 @@ def main(argv=None):
             tokens_per_s = args.total_batch_size / dt  # the whole step: all ranks, all micro-batches
             mfu = flops_per_token * tokens_per_s / (peak_flops * world_size)
             cropped = sum(r.cropped_fraction() for r in readers) / len(readers)
+            record = {"loss": loss_value, "smooth_loss": smooth, "lrm": lrm, "dt": dt, "tokens_per_s": tokens_per_s,
+                      "mfu": mfu, "cropped_fraction": cropped}
+            if checksum is not None:
+                record["data_checksum"] = checksum.item()
             log.step(state, num_iterations, f"loss {smooth:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f} ms | "
-                     f"tok/s {tokens_per_s:,.0f} | MFU {100 * mfu:.1f}%",
-                     {"loss": loss_value, "smooth_loss": smooth, "lrm": lrm, "dt": dt, "tokens_per_s": tokens_per_s,
-                      "mfu": mfu, "cropped_fraction": cropped, "data_checksum": checksum.item()},
+                     f"tok/s {tokens_per_s:,.0f} | MFU {100 * mfu:.1f}%", record,
                      {"train/loss": smooth, "train/lrm": lrm, "train/tok_per_sec": tokens_per_s, "train/mfu": mfu})
 
     if state.step == num_iterations and master:

@@ -19,18 +19,15 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import torch
-import torch.distributed as dist
-
 from nanochat.checkpoint import add_checkpoint_args
-from nanochat.common import print0
+from nanochat.common import FetchError, print0
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.rl import group_advantages, pg_micro_batches, rollout
 from nanochat.stage import (LoopState, StageLog, StopRequest, add_stage_args, due, init_stage, load_stage_model,
                             parse_stage_args, resume_run, save_stage, stage_optimizers)
 from nanochat.task_eval import evaluate_task
-from nanochat.training import apply_schedule, train_step
+from nanochat.training import all_sum, apply_schedule, train_step
 from tasks.gsm8k import GSM8K
 
 
@@ -74,7 +71,10 @@ def main(argv=None):
     model, tokenizer, meta, checkpoint_dir = load_stage_model(args, "rl", device)
     engine, pad_id = Engine(model, tokenizer), tokenizer.get_bos_token_id()
 
-    train_task, test_task = GSM8K("main", "train"), GSM8K("main", "test")
+    try:
+        train_task, test_task = GSM8K("main", "train"), GSM8K("main", "test")
+    except FetchError as e:  # offline without NANOCHAT_LOCAL_DATA: one line, not a traceback
+        raise SystemExit(f"error: {e}")
     order = list(range(len(train_task)))
     random.Random(args.seed).shuffle(order)
     one_epoch = len(order) // args.prompts_per_step
@@ -117,7 +117,7 @@ def main(argv=None):
         t0 = time.time()
         model.eval()
         sequences, masks, advantages = [], [], []
-        stats = torch.zeros(3, dtype=torch.float64, device=device)  # reward sum, samples, sampled tokens
+        reward_sum = samples = sampled_tokens = 0  # this rank's, summed over the ranks after the step
         for j in range(per_rank):
             n = step * args.prompts_per_step + rank * per_rank + j
             conversation = train_task[order[n % len(order)]]
@@ -129,17 +129,17 @@ def main(argv=None):
             sequences += seqs
             masks += ms
             advantages += group_advantages(rewards).tolist()
-            stats += torch.tensor([sum(rewards), len(rewards), sum(map(sum, ms))], dtype=torch.float64, device=device)
+            reward_sum += sum(rewards)
+            samples += len(rewards)
+            sampled_tokens += sum(map(sum, ms))
         model.train()
         t1 = time.time()
         # the policy-gradient step over the rows that carry signal
         lrm = apply_schedule(optimizers, 1.0 - step / num_iterations)
         micro_batches = pg_micro_batches(sequences, masks, advantages, pad_id, args.device_batch_size, device)
         loss_value, tokens = train_step(model, optimizers, micro_batches, autocast, world_size)
-        if ddp:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        reward_sum, samples, sampled_tokens = all_sum([reward_sum, samples, sampled_tokens], device)  # float32
         t2 = time.time()
-        reward_sum, samples, sampled_tokens = stats.tolist()
         state.end_step(loss_value, t2 - t0)
         if state.timed:
             state.gen_time += t1 - t0

@@ -21,13 +21,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import torch
-import torch.distributed as dist
-
 from nanochat.checkpoint import add_checkpoint_args
-from nanochat.common import print0
+from nanochat.common import FetchError, print0
 from nanochat.dataloader import sft_batch
 from nanochat.engine import Engine
+from nanochat.loss_eval import evaluate_loss
 from nanochat.report import get_report
 from nanochat.stage import (LoopState, StageLog, StopRequest, add_stage_args, due, init_stage, load_stage_model,
                             parse_stage_args, resume_run, save_stage, stage_optimizers)
@@ -104,7 +102,10 @@ def main(argv=None):
     grad_accum = args.examples_per_step // per_step
 
     t0 = time.time()
-    train_parts, val_parts = build_mixture("train"), build_mixture("val")
+    try:
+        train_parts, val_parts = build_mixture("train"), build_mixture("val")
+    except FetchError as e:  # offline without NANOCHAT_LOCAL_DATA: one line, not a traceback
+        raise SystemExit(f"error: {e}")
     for name, task in train_parts:
         print0(f"mixture: {name:<20} {len(task):>7,} conversations")
     train_data = render_all(train_parts, tokenizer, args.seed)
@@ -134,22 +135,19 @@ def main(argv=None):
         x, y, _ = sft_batch(rows, pad_id, T, device)  # cut conversations are counted once, over the mixture
         return x, y
 
-    @torch.no_grad()
-    def val_loss():
-        """Mean masked loss over the first eval_steps val micro-batches, shared out over the ranks."""
-        model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=device)
+    def val_batches():
+        """This rank's share of the first eval_steps val micro-batches."""
         for b in range(rank, args.eval_steps, world_size):
             first = b * args.device_batch_size
             rows = [val_data[(first + j) % len(val_data)] for j in range(args.device_batch_size)]
-            x, y, _ = sft_batch(rows, pad_id, T, device)
-            with autocast:
-                losses = model(x, y, loss_reduction="none")
-            total += torch.stack([losses.sum().double(), (y != -1).sum().double()])
-        if ddp:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            yield sft_batch(rows, pad_id, T, device)[:2]
+
+    def val_loss():
+        """Mean masked loss per trained token over the val micro-batches of every rank."""
+        model.eval()
+        loss, _ = evaluate_loss(model, val_batches(), autocast)
         model.train()
-        return (total[0] / total[1].clamp(min=1)).item()
+        return loss
 
     def quick_metrics():
         model.eval()

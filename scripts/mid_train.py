@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.checkpoint import add_checkpoint_args
-from nanochat.common import print0
+from nanochat.common import FetchError, print0
 from nanochat.dataloader import pack_conversations
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import lr_multiplier, muon_momentum
@@ -88,7 +88,8 @@ def main(argv=None):
     p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one pass over the mixture)")
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="share of steps of linear decay to 0")
     p.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (-1: end only)")
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288,
+                   help="val tokens per evaluation, at most (never more than one pass of the val rows)")
     p.add_argument("--loss-on", choices=["all", "assistant"], default="all",
                    help="all: every token (midtraining is still pretraining, on chat-shaped text); "
                         "assistant: only the tokens the conversation mask marks")
@@ -100,7 +101,10 @@ def main(argv=None):
     T = args.max_seq_len or model.config.sequence_len
 
     t0 = time.time()
-    train_parts, val_parts = build_mixture("train"), build_mixture("val")
+    try:
+        train_parts, val_parts = build_mixture("train"), build_mixture("val")
+    except FetchError as e:  # offline without NANOCHAT_LOCAL_DATA: one line, not a traceback
+        raise SystemExit(f"error: {e}")
     for name, task in train_parts:
         print0(f"mixture: {name:<16} {len(task):>7,} conversations")
     train_rows, train_masks, train_counts = pack_mixture(train_parts, tokenizer, T + 1, args.seed)
@@ -143,11 +147,9 @@ def main(argv=None):
         return split_row(train_rows[idx], train_masks[idx])
 
     def val_batches():
-        i = rank * args.device_batch_size
-        while True:
-            idx = torch.arange(i, i + args.device_batch_size) % len(val_rows)
-            yield split_row(val_rows[idx], val_masks[idx])
-            i += world_size * args.device_batch_size
+        """One pass of the packed val rows, dealt out to the ranks in turn (the last batches may be short)."""
+        for i in range(rank * args.device_batch_size, len(val_rows), world_size * args.device_batch_size):
+            yield split_row(val_rows[i:i + args.device_batch_size], val_masks[i:i + args.device_batch_size])
 
     # step s trains on the s-th batch; a checkpoint at step s holds the state before it
     stop = StopRequest(device)
@@ -162,9 +164,10 @@ def main(argv=None):
         if last or due(args.eval_every, step):
             model.eval()
             eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world_size))
-            state.val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes, autocast=autocast)
+            state.val_bpb, val_tokens = evaluate_bpb(model, val_batches(), eval_steps, token_bytes, autocast=autocast)
             model.train()
-            log.eval(step, f"val bpb {state.val_bpb:.4f}", {"val_bpb": state.val_bpb}, {"val/bpb": state.val_bpb})
+            log.eval(step, f"val bpb {state.val_bpb:.4f} over {val_tokens:,} tokens",
+                     {"val_bpb": state.val_bpb, "val_tokens": val_tokens}, {"val/bpb": state.val_bpb})
         if last:
             break
         t0 = time.time()

@@ -7,13 +7,17 @@ Each task loads from the HuggingFace hub through `datasets`, or, when NANOCHAT_L
 folder laid out like shared/data, from the native files there — the same Task code either way.
 """
 
+import http.client
 import json
 import os
 import random
+import urllib.error
+import urllib.request
 
-from nanochat.common import local_data_dir, local_data_file, open_text
+from nanochat.common import FetchError, local_data_dir, local_data_file, open_text
 
 SUBSET_FILE = "subset.json"
+HUB_ENDPOINT = "https://huggingface.co"  # $HF_ENDPOINT overrides it, as it does for `datasets`
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -187,10 +191,48 @@ def check_count(rows, expected, what, path):
     return rows
 
 
+def _unreachable(url, timeout=10):
+    """Why `url` cannot be reached at all, or None: any HTTP answer, an error status too, counts as reached."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # refused, no DNS, timed out
+        return getattr(e, "reason", None) or e
+    return None
+
+
+_HUB_REACHED = set()  # endpoints that answered once in this process
+
+
+def _in_datasets_cache(path):
+    """Whether the `datasets` cache holds a copy of hub dataset `path` (its folder is named org___name)."""
+    from datasets import config
+    return os.path.isdir(os.path.join(config.HF_DATASETS_CACHE, path.replace("/", "___")))
+
+
 def load_hub(path, name=None, split=None):
-    """A split of a hub dataset (needs the internet, or a HF_DATASETS cache)."""
+    """
+    A split of a hub dataset: needs the hub ($HF_ENDPOINT, default huggingface.co), or the `datasets`
+    cache with HF_HUB_OFFLINE=1. Unreachable, it is a FetchError at once: one quick look at the hub
+    first, because the hub client would retry a refused connection with backoff for about half a minute.
+    """
+    endpoint = os.environ.get("HF_ENDPOINT", HUB_ENDPOINT).rstrip("/")
+    what = f"the HuggingFace dataset {path}" + (f" ({name}, {split})" if name else f" ({split})")
+    cache_hint = "HF_HUB_OFFLINE=1 to read the datasets cache"
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline and endpoint not in _HUB_REACHED:
+        reason = _unreachable(f"{endpoint}/api/datasets/{path}")
+        if reason is not None and not _in_datasets_cache(path):  # with a cached copy, `datasets` falls back to it
+            raise FetchError(what, endpoint, reason, cache_hint)
+        if reason is None:
+            _HUB_REACHED.add(endpoint)
     from datasets import load_dataset
-    return load_dataset(path, name, split=split)
+    try:
+        return load_dataset(path, name, split=split)
+    except (ConnectionError, TimeoutError) as e:  # what `datasets` raises when it cannot reach the hub (or cache)
+        raise FetchError(what, endpoint, e, cache_hint) from e
 
 
 __all__ = ["Task", "TaskMixture", "TaskSequence", "MultipleChoiceTask", "render_mc", "mc_conversation",

@@ -7,14 +7,16 @@ SimpleSpelling: "Spell the word 'cat'" -> "c-a-t". Example i of a split is a pur
 (split, i), so runs are reproducible; train and test use disjoint words.
 """
 
+import http.client
 import io
 import os
 import random
 import re
+import urllib.error
 import urllib.request
 import zipfile
 
-from nanochat.common import atomic_write, get_base_dir, local_data_file
+from nanochat.common import FetchError, atomic_write, get_base_dir, local_data_file
 from tasks.common import use_local
 from tasks.common import Task
 
@@ -40,8 +42,12 @@ def load_words():
     else:
         path = os.path.join(get_base_dir(), "words_alpha.txt")
         if not os.path.exists(path):
-            with urllib.request.urlopen(WORDS_URL, timeout=60) as r:
-                data = r.read()
+            try:
+                with urllib.request.urlopen(WORDS_URL, timeout=60) as r:
+                    data = r.read()
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+                raise FetchError("the SpellingBee word list", WORDS_URL, getattr(e, "reason", None) or e,
+                                 "NANOCHAT_WORDS_URL to a mirror of words_alpha.txt, http(s):// or file://") from e
             with atomic_write(path, "wb") as f:
                 f.write(data)
         with open(path, encoding="utf-8") as f:

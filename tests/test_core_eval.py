@@ -1,7 +1,9 @@
-"""CORE: hand-checked prompt rendering, oracle models through the real scoring path, batching, 2 ranks == 1."""
+"""CORE: hand-checked prompt rendering, oracle models through the real scoring path, batching, 2 ranks == 1,
+and base_eval offline without NANOCHAT_LOCAL_DATA: one clear line, no traceback."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import zipfile
@@ -202,3 +204,39 @@ def test_base_eval_two_ranks_equal_one(tmp_path, tokenizer):
     pick = lambda out: [l for l in out.splitlines() if "acc " in l or l.startswith("CORE (")]
     lines_one, lines_two = pick(one.stdout), pick(two.stdout)
     assert len(lines_one) == len(SMALL_CORE) + 1 and [l.split("[")[0] for l in lines_one] == [l.split("[")[0] for l in lines_two]
+
+
+@pytest.fixture
+def refused_endpoint():
+    """http://127.0.0.1:<port> where a socket is bound but never listens: every connection is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def offline_env(base_dir, endpoint):
+    """The environment of a stage with no network: every remote source points at a refused port, no local copy."""
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1", HF_ENDPOINT=endpoint,
+               HF_HOME=os.path.join(base_dir, "hf_home"), NANOCHAT_EVAL_BUNDLE_URL=f"{endpoint}/eval_bundle.zip",
+               NANOCHAT_WORDS_URL=f"{endpoint}/words_alpha.txt", NANOCHAT_DATA_URL=endpoint)
+    for name in ("NANOCHAT_LOCAL_DATA", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        env.pop(name, None)
+    return env
+
+
+def assert_one_line_fetch_error(result, what, endpoint):
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"error: could not fetch {what}") and f"from {endpoint}" in lines[0], lines[0]
+    assert "set NANOCHAT_LOCAL_DATA to a folder laid out like ../shared/data" in lines[0]
+
+
+def test_base_eval_offline_without_local_data_is_one_clear_line(base_dir, refused_endpoint):
+    from test_chat_cli import make_chat_checkpoint
+    make_chat_checkpoint(base_dir, source_dir="base_checkpoints")
+    r = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--dtype", "float32", "--max-per-task", "2"],
+                       cwd=REPO_ROOT, env=offline_env(base_dir, refused_endpoint), capture_output=True, text=True,
+                       timeout=300)
+    assert_one_line_fetch_error(r, "the CORE eval bundle", f"{refused_endpoint}/eval_bundle.zip")
+    assert "NANOCHAT_EVAL_BUNDLE_URL" in r.stderr

@@ -2,11 +2,13 @@
 Post-training: packing with masks, the SFT loss against a hand-computed masked mean, RL advantages and
 loss against hand-computed values, RL learning a toy reward, the shared step on 2 gloo ranks vs 1, and
 scripts.chat_sft / scripts.chat_rl end to end (2 steps each, loadable checkpoints, exact resume after
---stop-after-step and after SIGTERM).
+--stop-after-step and after SIGTERM); scripts.mid_train's val eval (one pass at most) and its one-line
+error offline.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,6 +22,7 @@ from nanochat.engine import Engine
 from nanochat.rl import group_advantages, pg_micro_batches, rollout
 from nanochat.training import accumulate_gradients, train_step
 from test_chat_cli import make_chat_checkpoint
+from test_core_eval import assert_one_line_fetch_error, offline_env, refused_endpoint  # noqa: F401 (a fixture)
 from test_stage import check_sigterm_resume, sigterm_after_first_step
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
@@ -387,3 +390,28 @@ def test_sft_and_rl_on_two_ranks_equal_one(tiny, base_dir):
     one, two = (metrics(base_dir, "chatrl_checkpoints", f"n{n}") for n in (1, 2))
     key = lambda m: (m["mean_reward"], m["sampled_tokens"])  # noqa: E731
     assert [key(m) for m in one if "mean_reward" in m] == [key(m) for m in two if "mean_reward" in m]
+
+
+# -------------------------------------------------------------------------------------------------
+# midtraining: the val eval reads the packed val rows once at most; offline, one clear line
+
+
+def test_mid_train_evaluates_at_most_one_pass_of_the_val_rows(base_dir):
+    make_chat_checkpoint(base_dir, source_dir="base_checkpoints")
+    many = 2**20  # far more than the val rows hold
+    out = run_stage(base_dir, "scripts.mid_train", "--device-batch-size", "4", "--total-batch-size", "512",
+                    "--num-iterations", "1", "--eval-every", "-1", "--eval-tokens", str(many)).stdout
+    val_rows = int(re.search(r"val ([\d,]+) rows", out).group(1).replace(",", ""))
+    expected = val_rows * 64  # every row once, 64 targets each (the model's context; loss on every token)
+    assert 0 < expected < many // 10
+    evals = [m for m in metrics(base_dir, "mid_checkpoints", "d2") if "val_bpb" in m]
+    assert [m["val_tokens"] for m in evals] == [expected]
+    assert f"over {expected:,} tokens" in out
+
+
+def test_mid_train_offline_without_local_data_is_one_clear_line(base_dir, refused_endpoint):
+    make_chat_checkpoint(base_dir, source_dir="base_checkpoints")
+    r = subprocess.run([sys.executable, "-m", "scripts.mid_train", "--dtype", "float32", "--device-batch-size", "4",
+                        "--total-batch-size", "512"], cwd=REPO_ROOT, env=offline_env(base_dir, refused_endpoint),
+                       capture_output=True, text=True, timeout=300)
+    assert_one_line_fetch_error(r, "the HuggingFace dataset HuggingFaceTB/smol-smoltalk", refused_endpoint)

@@ -1,7 +1,9 @@
 """
-Pretraining: packing, the resumable dataloader, bits per byte, and scripts.base_train end to end
-(resume exactness with negative controls, torchrun on 2 CPU processes vs gradient accumulation,
-SIGTERM, dry run, flag errors). Real shards of real text, a real tokenizer, real subprocesses.
+Pretraining: packing, the resumable dataloader, bits per byte (one pass at most, 2 ranks with unequal
+shards == 1 process), and scripts.base_train end to end (resume exactness with negative controls,
+torchrun on 2 CPU processes vs gradient accumulation, SIGTERM, dry run, flag errors, an eval that reads
+the val split once however many --eval-tokens, no data checksum unless asked). Real shards of real
+text, a real tokenizer, real subprocesses.
 """
 
 import json
@@ -151,7 +153,8 @@ def test_bpb_of_uniform_model(tokenizer):
     for _, y, _ in batches:  # special-token targets and ignored (-1) targets must count in neither sum
         y[:, ::5] = tokenizer.get_bos_token_id()
         y[:, 3] = -1
-    bpb = evaluate_bpb(model, iter(batches), 3, token_bytes)
+    bpb, tokens = evaluate_bpb(model, iter(batches), 3, token_bytes)
+    assert tokens == 3 * 4 * 64 - 3 * 4  # the -1 targets are not evaluated
     targets = torch.cat([y.reshape(-1) for _, y, _ in batches])
     targets = targets[targets >= 0]
     counted = token_bytes[targets] > 0
@@ -160,13 +163,57 @@ def test_bpb_of_uniform_model(tokenizer):
     assert (~counted).sum() >= 3 * 4 * 12
 
 
+# 2 gloo ranks whose val shards hold 3 and 1 batches: both stop after 1 step (no hang, no rank reading
+# on alone), and the numbers equal one process evaluating the same 2 batches
+EVAL_DDP_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, os.environ["REPO_ROOT"])
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+model.init_weights()
+with torch.no_grad():
+    for p in model.parameters():
+        p.normal_(0, 0.3)
+g = torch.Generator().manual_seed(rank)
+batches = [(torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g))
+           for _ in range(3 if rank == 0 else 1)]
+result = evaluate_bpb(model, iter(batches), 10, torch.arange(64) % 3)
+torch.save({"result": result, "first": batches[0], "state": model.state_dict()}, sys.argv[1] + str(rank))
+dist.destroy_process_group()
+"""
+
+
+def test_bpb_two_ranks_with_unequal_shards_stop_together(tmp_path):
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.loss_eval import evaluate_bpb
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(EVAL_DDP_SCRIPT)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, REPO_ROOT=REPO_ROOT, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "out")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs = [torch.load(tmp_path / f"out{rank}") for rank in (0, 1)]
+    assert outs[0]["result"] == outs[1]["result"]
+    bpb, tokens = outs[0]["result"]
+    assert tokens == 2 * 2 * 16  # one step on each rank, not three on rank 0
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model.load_state_dict(outs[0]["state"])
+    alone = evaluate_bpb(model, iter([outs[0]["first"], outs[1]["first"]]), 10, torch.arange(64) % 3)
+    assert alone[1] == tokens and alone[0] == pytest.approx(bpb, rel=1e-5)
+
+
 # -------------------------------------------------------------------------------------------------
 # scripts.base_train end to end
 
 TINY = ["--depth", "2", "--head-dim", "32", "--aspect-ratio", "32", "--max-seq-len", "64",
         "--device-batch-size", "4", "--total-batch-size", "512", "--dtype", "float32",
         "--eval-every", "-1", "--eval-tokens", "1024", "--sample-every", "-1", "--save-every", "-1",
-        "--warmdown-ratio", "0.5"]
+        "--warmdown-ratio", "0.5", "--log-data-checksum"]
 
 
 def run_train(base, *flags, nproc=1, check=True, timeout=300):
@@ -182,11 +229,45 @@ def run_train(base, *flags, nproc=1, check=True, timeout=300):
     return result
 
 
-def metrics(base, tag):
+def metrics(base, tag, key="loss"):
+    """The metrics.jsonl records of a run that carry `key`: trained steps ("loss") or evaluations ("val_bpb")."""
     path = os.path.join(base, "base_checkpoints", tag, "metrics.jsonl")
     with open(path) as f:
         records = [json.loads(line) for line in f]
-    return [r for r in records if "loss" in r]
+    return [r for r in records if key in r]
+
+
+def one_pass_val_tokens(tokenizer, B, T, world_size=1):
+    """Target tokens in one pass of the val split as base_train reads it: every rank stops with the first one out."""
+    batches = [sum(1 for _ in DataLoader(tokenizer, B, T, "val", rank=r, world_size=world_size, loop=False))
+               for r in range(world_size)]
+    return min(batches) * B * T * world_size, batches
+
+
+MANY_EVAL_TOKENS = 2**20  # far more than the val split holds
+
+
+@pytest.fixture(scope="module")
+def default_run(env_base):
+    """A run with the default flags where they matter: no --log-data-checksum, --eval-tokens past the split."""
+    flags = [f for f in TINY if f != "--log-data-checksum"]
+    return run_train(env_base, *flags, "--num-iterations", "2", "--eval-every", "1", "--eval-tokens",
+                     str(MANY_EVAL_TOKENS), "--model-tag", "default").stdout
+
+
+def test_base_train_evaluates_at_most_one_pass_of_the_val_split(env_base, tokenizer, default_run):
+    expected, _ = one_pass_val_tokens(tokenizer, 4, 64)
+    assert 0 < expected < MANY_EVAL_TOKENS // 10
+    evals = metrics(env_base, "default", "val_bpb")
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert [r["val_tokens"] for r in evals] == [expected] * 3
+    assert default_run.count(f"over {expected:,} tokens") == 3  # printed too
+
+
+def test_base_train_logs_no_data_checksum_by_default(env_base, default_run):
+    records = metrics(env_base, "default")
+    assert [r["step"] for r in records] == [1, 2]
+    assert not [r for r in records if "data_checksum" in r]
 
 
 def test_base_train_resume_is_exact(env_base):
@@ -230,12 +311,16 @@ def test_base_train_resume_is_exact(env_base):
             assert [r["data_checksum"] for r in control_records] != [r["data_checksum"] for r in full[4:]]
 
 
-def test_base_train_two_processes_equal_gradient_accumulation(env_base):
+def test_base_train_two_processes_equal_gradient_accumulation(env_base, tokenizer):
     # world size 2 x accumulation 1 vs world size 1 x accumulation 2: the same 512-token steps
     run_train(env_base, *TINY, "--num-iterations", "4", "--model-tag", "one")
-    run_train(env_base, *TINY, "--num-iterations", "4", "--model-tag", "two", nproc=2, timeout=400)
+    run_train(env_base, *TINY, "--num-iterations", "4", "--model-tag", "two", "--eval-tokens", str(MANY_EVAL_TOKENS),
+              nproc=2, timeout=400)
     one, two = metrics(env_base, "one"), metrics(env_base, "two")
     assert [r["data_checksum"] for r in one] == [r["data_checksum"] for r in two]
+    # the final eval: one pass of the val split on both ranks, stopping together when the first runs out
+    expected, per_rank = one_pass_val_tokens(tokenizer, 4, 64, world_size=2)
+    assert metrics(env_base, "two", "val_bpb")[-1]["val_tokens"] == expected, per_rank
     # summation order differs (all-reduce vs accumulation): equal to float tolerance, not bitwise
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
