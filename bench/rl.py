@@ -22,6 +22,7 @@ from nanochat.common import autocast_ctx, parse_dtype
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.rl import group_advantages, pg_micro_batches, rollout
+from nanochat.schedule import peak_lrs
 from nanochat.tokenizer import RustBPETokenizer
 from nanochat.training import train_step
 
@@ -53,7 +54,7 @@ def main():
     autocast = autocast_ctx("cpu", dtype)
     engine = Engine(model, tokenizer)
     engine.stop_ids, engine.python_start = set(), -1  # no early stops, no tool calls: equal work per completion
-    optimizers = model.setup_optimizers(unembedding_lr=0.0002, embedding_lr=0.01, matrix_lr=0.001, ns_dtype=dtype)
+    optimizers = model.setup_optimizers(peak_lrs(model.config.n_embd, 0.001, 0.01, 0.0002), ns_dtype=dtype)
     task = GSM8K("main", "train")
     prompts = [tokenizer.render_for_completion(task[i]) for i in range(args.prompts * (args.steps + 1) * 2)]
     print(f"depth {args.depth}, vocab {tokenizer.get_vocab_size()}, dtype {str(dtype).removeprefix('torch.')}, "

@@ -186,29 +186,29 @@ class GPT(nn.Module):
         attention = 12 * c.n_layer * c.n_head * self.head_dim * c.sequence_len
         return 6 * matmul_params + attention
 
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                         adam_betas=(0.8, 0.95), ns_dtype=None):
+    def setup_optimizers(self, lrs=None, weight_decay=0.0, muon_weight_decay=0.0, adam_betas=(0.8, 0.95), ns_dtype=None,
+                         **muon_options):
         """
-        Muon for the 2-D matrices inside the blocks; AdamW for the embedding and the lm_head, with
-        their LR scaled by 1/sqrt(width/768) (the LRs were tuned at width 768). ns_dtype: the dtype of
-        Muon's Newton-Schulz matmuls (None: bf16 on GPU, fp32 elsewhere). Returns [adamw, muon].
+        Muon for the 2-D matrices inside the blocks; AdamW for the embedding and the lm_head. lrs: each
+        group's peak LR ({'matrix', 'embedding', 'lm_head'}), as nanochat.schedule.peak_lrs decides them
+        (its defaults for this width when None). weight_decay: AdamW's; muon_weight_decay and muon_options
+        (orthogonalize, beta2, cautious): Muon's. ns_dtype: the dtype of Muon's orthogonalisation matmuls
+        (None: bf16 on GPU, fp32 elsewhere). Returns [adamw, muon], their peaks recorded for a Schedule.
         """
         from nanochat.optim import AdamW, Muon  # optim knows nothing of the model; import at use
+        from nanochat.schedule import peak_lrs, record_peaks
+        lrs = lrs or peak_lrs(self.config.n_embd)
         matrix_params = list(self.transformer.h.parameters())
         embedding_params = list(self.transformer.wte.parameters())
         lm_head_params = list(self.lm_head.parameters())
         assert len(matrix_params) + len(embedding_params) + len(lm_head_params) == len(list(self.parameters()))
-        scale = (self.config.n_embd / 768) ** -0.5
         adamw = AdamW([
-            {"params": lm_head_params, "lr": unembedding_lr * scale},
-            {"params": embedding_params, "lr": embedding_lr * scale},
+            {"params": lm_head_params, "lr": lrs["lm_head"], "name": "lm_head"},
+            {"params": embedding_params, "lr": lrs["embedding"], "name": "embedding"},
         ], betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
-        muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, ns_dtype=ns_dtype)
-        optimizers = [adamw, muon]
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["initial_lr"] = group["lr"]
-        return optimizers
+        muon = Muon(matrix_params, lr=lrs["matrix"], momentum=0.95, ns_dtype=ns_dtype, weight_decay=muon_weight_decay,
+                    **muon_options)
+        return record_peaks([adamw, muon])
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """

@@ -270,28 +270,3 @@ class Muon(torch.optim.Optimizer):
                     local = torch.zeros_like(chunk[0])
                 outputs = [p.data for p in chunk] + [torch.empty_like(chunk[0]) for _ in range(world - len(chunk))]
                 _all_gather_into(outputs, local)
-
-
-# -------------------------------------------------------------------------------------------------
-# schedules (every training stage uses these; tests check their values at start, middle and end)
-
-
-def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
-    """
-    Trapezoid: linear warmup from ~0 to 1 over the first warmup_ratio of the steps, flat at 1, then a
-    linear warmdown to final_lr_frac over the last warmdown_ratio of the steps.
-    """
-    warmup = round(warmup_ratio * num_iterations)
-    warmdown = round(warmdown_ratio * num_iterations)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step <= num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - step) / warmdown  # 1 at the start of the warmdown, 0 at the end
-    return progress + (1 - progress) * final_lr_frac
-
-
-def muon_momentum(step, start=0.85, end=0.95, ramp_steps=300):
-    """Muon's momentum ramps from `start` to `end` over the first ramp_steps steps."""
-    frac = min(step / ramp_steps, 1.0)
-    return (1 - frac) * start + frac * end

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint import SOURCES, find_last_step, load_checkpoint, load_model, save_checkpoint
 from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype, print0
+from nanochat.schedule import peak_lrs
 
 SMOOTHING = 0.9  # EMA factor of the logged loss
 
@@ -90,12 +91,8 @@ def load_stage_model(args, stage, device):
 
 def stage_optimizers(model, args, dtype):
     """The base run's optimizers (Muon + AdamW) at --init-lr-frac of the flags' LRs."""
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, ns_dtype=dtype)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] = group["initial_lr"] * args.init_lr_frac
-    return optimizers
+    lrs = peak_lrs(model.config.n_embd, args.matrix_lr, args.embedding_lr, args.unembedding_lr, share=args.init_lr_frac)
+    return model.setup_optimizers(lrs, ns_dtype=dtype)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
-The optimizer step every training stage shares (base, mid, SFT, RL), and its schedule plumbing
-(the schedules themselves are nanochat/optim.py's; what the stages share around their loops is
-nanochat/stage.py).
+The optimizer step every training stage shares (base, mid, SFT, RL). How the optimizers' values
+change over a run is nanochat/schedule.py's; what the stages share around their loops is
+nanochat/stage.py's.
 
 One step = forward/backward over a few micro-batches, then each optimizer steps once. The objective
 is always a token-weighted mean over the whole step, all ranks and micro-batches together:
@@ -17,18 +17,6 @@ equals a 1-process run over the same rows).
 
 import torch
 import torch.distributed as dist
-
-from nanochat.optim import Muon
-
-
-def apply_schedule(optimizers, lr_multiplier, momentum=None):
-    """Every group's lr = its initial_lr * lr_multiplier; Muon's momentum too when given. Returns lr_multiplier."""
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_multiplier
-            if momentum is not None and isinstance(opt, Muon):
-                group["momentum"] = momentum
-    return lr_multiplier
 
 
 def all_sum(value, device):

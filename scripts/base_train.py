@@ -33,12 +33,12 @@ from nanochat.dataloader import DataLoader
 from nanochat.dataset import REMOTE_SHARD_CHARS, list_shards, shard_chars, shards_needed
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.report import get_report
+from nanochat.schedule import Schedule, peak_lrs
 from nanochat.stage import (LoopState, StageLog, StopRequest, add_loop_args, add_lr_args, due, init_stage,
                             resume_run, save_stage)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import apply_schedule, train_step
+from nanochat.training import train_step
 
 @dataclass
 class BaseState(LoopState):
@@ -72,8 +72,16 @@ def parse_args(argv=None):
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all ranks")
     # optimization
     add_lr_args(p)
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup-ratio", type=float, default=0.0, help="share of steps of linear LR warmup")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (embedding, lm_head)")
+    p.add_argument("--muon-weight-decay", type=float, default=0.0, help="Muon's decoupled weight decay (block matrices)")
+    p.add_argument("--no-cautious", dest="cautious", action="store_false",
+                   help="Muon's weight decay everywhere, not only where the update shares the weight's sign")
+    p.add_argument("--weight-decay-schedule", default="constant", choices=["constant", "cosine"],
+                   help="weight decay over the run: constant, or a cosine to 0")
+    p.add_argument("--orthogonalize", default="newton_schulz", choices=["newton_schulz", "polar_express"],
+                   help="Muon's orthogonalisation")
+    p.add_argument("--normuon-beta2", type=float, default=0.0, help="NorMuon's per-neuron normalisation (0: off)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="steps of linear LR warmup")
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="share of steps of linear LR warmdown")
     p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a share of the peak")
     # evaluation, sampling, checkpoints
@@ -103,8 +111,10 @@ def check_args(args):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.num_iterations == 0 or args.target_param_data_ratio <= 0:
         raise SystemExit("error: --num-iterations must be positive (or -1) and --target-param-data-ratio positive")
-    if not 0 <= args.warmup_ratio + args.warmdown_ratio <= 1:
-        raise SystemExit("error: --warmup-ratio + --warmdown-ratio must lie in [0, 1]")
+    if not 0 <= args.warmdown_ratio <= 1 or not 0 <= args.final_lr_frac <= 1 or args.warmup_steps < 0:
+        raise SystemExit("error: --warmdown-ratio and --final-lr-frac must lie in [0, 1], --warmup-steps >= 0")
+    if not 0 <= args.normuon_beta2 < 1:
+        raise SystemExit("error: --normuon-beta2 must lie in [0, 1) (0: off)")
 
 
 def estimate_memory(model, args, world_size, dtype):
@@ -185,6 +195,11 @@ def main(argv=None):
     else:
         num_iterations = max(1, round(args.target_param_data_ratio * n_params / args.total_batch_size))
     total_tokens = num_iterations * args.total_batch_size
+    try:
+        schedule = Schedule(num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac,
+                            args.weight_decay_schedule)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     print0(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head} (kv {config.n_kv_head}), "
            f"vocab {vocab_size:,} (padded {model.padded_vocab_size:,}), context {config.sequence_len}")
     print0(f"parameters: {n_params:,} | FLOPs per token: {flops_per_token:.3e}")
@@ -226,9 +241,11 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------------------------------
     # optimizers, data, and the state a resume restores
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
-                                        ns_dtype=dtype)  # bf16 runs orthogonalise in bf16 too
+    lrs = peak_lrs(model.config.n_embd, args.matrix_lr, args.embedding_lr, args.unembedding_lr)
+    optimizers = model.setup_optimizers(lrs, weight_decay=args.weight_decay, muon_weight_decay=args.muon_weight_decay,
+                                        ns_dtype=dtype,  # bf16 runs orthogonalise in bf16 too
+                                        orthogonalize=args.orthogonalize, beta2=args.normuon_beta2 or None,
+                                        cautious=args.cautious)
     state, reader_states = BaseState(), [None] * grad_accum
     if args.resume:
         state, dl_state = resume_run(BaseState, checkpoint_dir, model, optimizers, args, RESUME_FLAGS, device, rank)
@@ -294,8 +311,7 @@ def main(argv=None):
 
         # one optimizer step over grad_accum micro-batches
         t0 = time.time()
-        lrm = apply_schedule(optimizers, lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio,
-                                                       args.final_lr_frac), muon_momentum(step))
+        lrm = schedule.apply(optimizers, step)
         micro_batches = [next(reader_iters[k])[:2] for k in range(grad_accum)]
         checksum = None
         if args.log_data_checksum:  # which tokens this step saw; a debug aid, off the production path

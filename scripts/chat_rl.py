@@ -24,10 +24,11 @@ from nanochat.common import FetchError, print0
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.rl import group_advantages, pg_micro_batches, rollout
+from nanochat.schedule import Momentum, Schedule
 from nanochat.stage import (LoopState, StageLog, StopRequest, add_stage_args, due, init_stage, load_stage_model,
                             parse_stage_args, resume_run, save_stage, stage_optimizers)
 from nanochat.task_eval import evaluate_task
-from nanochat.training import all_sum, apply_schedule, train_step
+from nanochat.training import all_sum, train_step
 from tasks.gsm8k import GSM8K
 
 
@@ -84,6 +85,8 @@ def main(argv=None):
            f"{args.num_samples} samples ({num_iterations / max(one_epoch, 1):.2f} epochs)")
 
     optimizers = stage_optimizers(model, args, dtype)
+    # linear decay to 0 over the whole run; Muon's momentum stays where the optimizer starts it
+    schedule = Schedule(num_iterations, warmdown_ratio=1.0, momentum=Momentum.constant(0.95))
     state = RLState()
     if args.resume:
         state, _ = resume_run(RLState, checkpoint_dir, model, optimizers, args, RESUME_FLAGS, device, rank)
@@ -135,7 +138,7 @@ def main(argv=None):
         model.train()
         t1 = time.time()
         # the policy-gradient step over the rows that carry signal
-        lrm = apply_schedule(optimizers, 1.0 - step / num_iterations)
+        lrm = schedule.apply(optimizers, step)
         micro_batches = pg_micro_batches(sequences, masks, advantages, pad_id, args.device_batch_size, device)
         loss_value, tokens = train_step(model, optimizers, micro_batches, autocast, world_size)
         reward_sum, samples, sampled_tokens = all_sum([reward_sum, samples, sampled_tokens], device)  # float32

@@ -27,10 +27,11 @@ from nanochat.dataloader import sft_batch
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_loss
 from nanochat.report import get_report
+from nanochat.schedule import Momentum, Schedule
 from nanochat.stage import (LoopState, StageLog, StopRequest, add_stage_args, due, init_stage, load_stage_model,
                             parse_stage_args, resume_run, save_stage, stage_optimizers)
 from nanochat.task_eval import evaluate_task
-from nanochat.training import apply_schedule, train_step
+from nanochat.training import train_step
 from tasks.arc import ARC
 from tasks.catalog import IDENTITY_FILE
 from tasks.common import TaskMixture
@@ -123,6 +124,8 @@ def main(argv=None):
            f"({num_iterations / max(one_epoch, 1):.2f} epochs); grad accumulation {grad_accum} x world size {world_size}")
 
     optimizers = stage_optimizers(model, args, dtype)
+    # linear decay to 0 over the whole run; Muon's momentum stays where the optimizer starts it
+    schedule = Schedule(num_iterations, warmdown_ratio=1.0, momentum=Momentum.constant(0.95))
     state = SFTState()
     if args.resume:
         state, _ = resume_run(SFTState, checkpoint_dir, model, optimizers, args, RESUME_FLAGS, device, rank)
@@ -179,7 +182,7 @@ def main(argv=None):
         if last:
             break
         t0 = time.time()
-        lrm = apply_schedule(optimizers, 1.0 - step / num_iterations)
+        lrm = schedule.apply(optimizers, step)
         micro_batches = [micro_batch(step, k) for k in range(grad_accum)]
         loss_value, tokens = train_step(model, optimizers, micro_batches, autocast, world_size)
         dt = time.time() - t0

@@ -24,12 +24,12 @@ from nanochat.checkpoint import add_checkpoint_args
 from nanochat.common import FetchError, print0
 from nanochat.dataloader import pack_conversations
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.report import get_report
+from nanochat.schedule import Schedule
 from nanochat.stage import (LoopState, StageLog, StopRequest, add_stage_args, due, init_stage, load_stage_model,
                             parse_stage_args, resume_run, save_stage, stage_optimizers)
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import apply_schedule, train_step
+from nanochat.training import train_step
 from tasks.catalog import IDENTITY_FILE
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON
@@ -129,6 +129,7 @@ def main(argv=None):
     token_bytes = get_token_bytes(device=device)
 
     optimizers = stage_optimizers(model, args, dtype)
+    schedule = Schedule(num_iterations, warmdown_ratio=args.warmdown_ratio)  # Muon's momentum ramps up again
     state = MidState()
     if args.resume:
         state, _ = resume_run(MidState, checkpoint_dir, model, optimizers, args, RESUME_FLAGS, device, rank)
@@ -171,8 +172,7 @@ def main(argv=None):
         if last:
             break
         t0 = time.time()
-        lrm = apply_schedule(optimizers, lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0),
-                             muon_momentum(step))
+        lrm = schedule.apply(optimizers, step)
         micro_batches = [batch_rows(step, k) for k in range(grad_accum)]
         loss_value, _ = train_step(model, optimizers, micro_batches, autocast, world_size)
         dt = time.time() - t0

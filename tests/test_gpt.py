@@ -12,6 +12,7 @@ import torch
 
 from nanochat.engine import KVCache
 from nanochat.gpt import GPT, GPTConfig, config_for_depth
+from nanochat.schedule import peak_lrs
 
 
 def random_model(seed=0, **overrides):
@@ -85,7 +86,7 @@ def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
     model.init_weights()
-    optimizers = model.setup_optimizers(unembedding_lr=0.02)
+    optimizers = model.setup_optimizers(peak_lrs(64, unembedding_lr=0.02))
     x, y = torch.randint(0, 100, (4, 32)), torch.randint(0, 100, (4, 32))
     # random targets have no structure: only memorising them drives the loss to ~0
     for _ in range(250):

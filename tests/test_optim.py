@@ -1,5 +1,5 @@
 """Optimizers and schedules: Newton-Schulz and Polar Express, AdamW against torch's, NorMuon and cautious decay against
-per-element references, the LR and momentum schedules."""
+per-element references, (the schedules: test_schedule.py)."""
 
 import math
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat.optim import (ORTHOGONALIZERS, AdamW, Muon, _minimax_quintic, lr_multiplier, muon_momentum, normuon_scale,
-                            polar_express, polar_express_coefficients, zeropower_via_newtonschulz5)
+from nanochat.optim import (ORTHOGONALIZERS, AdamW, Muon, _minimax_quintic, normuon_scale, polar_express,
+                            polar_express_coefficients, zeropower_via_newtonschulz5)
 
 
 @pytest.mark.parametrize("shape", [(64, 256), (256, 64), (128, 512), (3, 48, 96)])
@@ -62,30 +62,6 @@ def test_muon_step_is_orthogonalised_momentum():
     opt.step()
     expected = start - 0.1 * zeropower_via_newtonschulz5(p.grad * 0.1)  # buf = (1 - momentum) * grad
     torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_lr_multiplier_schedule():
-    n = 1000
-    # no warmup: flat at 1 until the warmdown, then linear to final_lr_frac
-    assert lr_multiplier(0, n, 0.0, 0.2, 0.0) == 1.0
-    assert lr_multiplier(500, n, 0.0, 0.2, 0.0) == 1.0
-    assert lr_multiplier(800, n, 0.0, 0.2, 0.0) == 1.0
-    assert lr_multiplier(900, n, 0.0, 0.2, 0.0) == pytest.approx(0.5)
-    assert lr_multiplier(1000, n, 0.0, 0.2, 0.0) == pytest.approx(0.0)
-    assert lr_multiplier(1000, n, 0.0, 0.2, 0.1) == pytest.approx(0.1)
-    # warmup ramps up, never down
-    ramp = [lr_multiplier(s, n, 0.1, 0.2) for s in range(100)]
-    assert ramp == sorted(ramp) and ramp[0] < 0.05 and ramp[-1] == 1.0
-    # the warmdown decays monotonically
-    down = [lr_multiplier(s, n, 0.1, 0.2) for s in range(800, 1001)]
-    assert down == sorted(down, reverse=True)
-
-
-def test_muon_momentum_schedule():
-    assert muon_momentum(0) == pytest.approx(0.85)
-    assert muon_momentum(150) == pytest.approx(0.90)
-    assert muon_momentum(300) == pytest.approx(0.95)
-    assert muon_momentum(10_000) == pytest.approx(0.95)
 
 
 # -------------------------------------------------------------------------------------------------

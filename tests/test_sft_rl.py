@@ -20,6 +20,7 @@ from conftest import REPO_ROOT, TEST_DATA
 from nanochat.dataloader import pack_conversations, sft_batch
 from nanochat.engine import Engine
 from nanochat.rl import group_advantages, pg_micro_batches, rollout
+from nanochat.schedule import peak_lrs
 from nanochat.training import accumulate_gradients, train_step
 from test_chat_cli import make_chat_checkpoint
 from test_core_eval import assert_one_line_fetch_error, offline_env, refused_endpoint  # noqa: F401 (a fixture)
@@ -209,7 +210,7 @@ def test_rl_raises_a_toy_reward(tiny):
     special = set(tok.encode_special(s) for s in tok.get_special_tokens())
     candidates = [t for t in range(tok.get_vocab_size()) if t not in special]
     chosen = min(candidates, key=lambda t: abs(probs[t].item() - 0.06))  # a token the model rarely emits first
-    optimizers = model.setup_optimizers(unembedding_lr=0.02, embedding_lr=0.2, matrix_lr=0.02)
+    optimizers = model.setup_optimizers(peak_lrs(model.config.n_embd, 0.02, 0.2, 0.02))
     # before training the reward is rare: ~0.12 expected over 2 tokens; measured over 64 rollouts, not 16
     before = []
     for seed in range(4):
@@ -236,6 +237,7 @@ DDP_SCRIPT = r"""
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, os.environ["REPO_ROOT"])
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.schedule import peak_lrs
 from nanochat.training import train_step
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -253,7 +255,7 @@ for n in (5, 9, 7):  # three micro-batches of different lengths and masks
     y[torch.rand((2, n), generator=g) < 0.4] = -1
     all_batches.append((x, y, torch.randn(2, generator=g)))
 mine = all_batches if world == 1 else (all_batches if rank == 0 else [])
-opts = model.setup_optimizers(unembedding_lr=0.01, embedding_lr=0.1, matrix_lr=0.02)
+opts = model.setup_optimizers(peak_lrs(model.config.n_embd, 0.02, 0.1, 0.01))
 losses = [train_step(model, opts, mine, torch.autocast("cpu", enabled=False), world)[0] for _ in range(3)]
 if rank == 0:
     torch.save({"losses": losses, "state": model.state_dict()}, sys.argv[1])

@@ -1,0 +1,114 @@
+"""
+Every number of the optimizers that is decided by the recipe or changes over a run, for every
+training stage, in one place:
+
+- the peak learning rates: the flags' values at the reference width (768), scaled by
+  1/sqrt(width / 768) for the AdamW groups (embedding, lm_head), times the stage's share of them
+  (post-training stages start from a fraction of the base run's LRs);
+- the LR over time: linear warmup over `warmup_steps`, flat, then a linear warmdown over the last
+  `warmdown_ratio` of the run to `final_lr_frac` of the peak;
+- weight decay over time: the peak value, constant or decayed to 0 by a cosine over the run;
+- Muon's momentum over time: a ramp from `start` to `peak` over `ramp_steps`, then, during the
+  warmdown, a linear move to `warmdown` (None: stays at the peak).
+
+A stage builds a Schedule from its flags and calls `apply(optimizers, step)` before each step; the
+optimizers only ever see the values of the moment (group["lr"], group["weight_decay"],
+group["momentum"]). The values depend on the step alone, so a resumed run continues exactly.
+"""
+
+import math
+from dataclasses import dataclass
+
+REFERENCE_WIDTH = 768  # the AdamW LRs were tuned at this model width
+
+
+def peak_lrs(n_embd, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, share=1.0):
+    """Peak LR of each parameter group: {'matrix', 'embedding', 'lm_head'}."""
+    width_scale = (n_embd / REFERENCE_WIDTH) ** -0.5
+    return {"matrix": matrix_lr * share, "embedding": embedding_lr * width_scale * share,
+            "lm_head": unembedding_lr * width_scale * share}
+
+
+@dataclass(frozen=True)
+class Momentum:
+    """Muon's momentum over a run (see the module docstring)."""
+    start: float = 0.85
+    peak: float = 0.95
+    ramp_steps: int = 300
+    warmdown: float | None = None
+
+    @classmethod
+    def constant(cls, value):
+        return cls(start=value, peak=value, ramp_steps=0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    num_iterations: int
+    warmup_steps: int = 0
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+    weight_decay_shape: str = "constant"  # or "cosine": decayed to 0 over the run
+    momentum: Momentum = Momentum()
+
+    def __post_init__(self):
+        if self.num_iterations < 1:
+            raise ValueError(f"a schedule needs at least one step, got {self.num_iterations}")
+        if not 0 <= self.warmdown_ratio <= 1 or not 0 <= self.final_lr_frac <= 1 or self.warmup_steps < 0:
+            raise ValueError("warmdown_ratio and final_lr_frac must lie in [0, 1], warmup_steps must be >= 0")
+        if self.warmup_steps + self.warmdown_steps > self.num_iterations:
+            raise ValueError(f"{self.warmup_steps} warmup + {self.warmdown_steps} warmdown steps do not fit in "
+                             f"{self.num_iterations} steps")
+        if self.weight_decay_shape not in ("constant", "cosine"):
+            raise ValueError(f"weight_decay_shape must be constant or cosine, got {self.weight_decay_shape!r}")
+
+    @property
+    def warmdown_steps(self):
+        return round(self.warmdown_ratio * self.num_iterations)
+
+    def warmdown_progress(self, step):
+        """0 until the warmdown starts, then rising linearly to 1 at the last step."""
+        start = self.num_iterations - self.warmdown_steps
+        return 0.0 if step <= start else (step - start) / self.warmdown_steps
+
+    def lr_multiplier(self, step):
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = self.warmdown_progress(step)
+        return (1 - progress) + progress * self.final_lr_frac
+
+    def weight_decay_multiplier(self, step):
+        if self.weight_decay_shape == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(step / self.num_iterations, 1.0)))
+
+    def muon_momentum(self, step):
+        m = self.momentum
+        frac = min(step / m.ramp_steps, 1.0) if m.ramp_steps > 0 else 1.0
+        value = (1 - frac) * m.start + frac * m.peak
+        if m.warmdown is not None:
+            progress = self.warmdown_progress(step)
+            value = (1 - progress) * value + progress * m.warmdown
+        return value
+
+    def apply(self, optimizers, step):
+        """Sets every group's values for `step` from its peaks (initial_lr, initial_weight_decay: recorded when
+        the optimizers were made, see record_peaks, and saved with their state). Returns the LR multiplier."""
+        lrm, wdm, momentum = self.lr_multiplier(step), self.weight_decay_multiplier(step), self.muon_momentum(step)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                # checkpoints from before weight decay was scheduled hold a constant weight_decay: that is the peak
+                group.setdefault("initial_weight_decay", group["weight_decay"])
+                group["lr"] = group["initial_lr"] * lrm
+                group["weight_decay"] = group["initial_weight_decay"] * wdm
+                if "momentum" in group:  # Muon's groups
+                    group["momentum"] = momentum
+        return lrm
+
+
+def record_peaks(optimizers):
+    """Remember each group's lr and weight_decay as given at construction: the peaks the schedule scales."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"], group["initial_weight_decay"] = group["lr"], group["weight_decay"]
+    return optimizers

@@ -1,0 +1,85 @@
+"""The one owner of every schedule (nanochat.schedule): values at start, middle and end, the peaks per group,
+and apply() setting exactly what the optimizers read."""
+
+import math
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.schedule import REFERENCE_WIDTH, Momentum, Schedule, peak_lrs
+
+
+def test_lr_multiplier_at_its_boundaries():
+    s = Schedule(1000, warmup_steps=0, warmdown_ratio=0.2, final_lr_frac=0.0)
+    assert [s.lr_multiplier(k) for k in (0, 500, 800)] == [1.0, 1.0, 1.0]  # flat until the warmdown starts
+    assert s.lr_multiplier(900) == pytest.approx(0.5) and s.lr_multiplier(1000) == pytest.approx(0.0)
+    assert Schedule(1000, warmdown_ratio=0.2, final_lr_frac=0.1).lr_multiplier(1000) == pytest.approx(0.1)
+    w = Schedule(1000, warmup_steps=100, warmdown_ratio=0.2)
+    ramp = [w.lr_multiplier(k) for k in range(100)]
+    assert ramp == sorted(ramp) and ramp[0] == pytest.approx(0.01) and ramp[-1] == 1.0 and w.lr_multiplier(100) == 1.0
+    down = [w.lr_multiplier(k) for k in range(800, 1001)]
+    assert down == sorted(down, reverse=True) and down[0] == 1.0  # never runs backwards
+    # SFT/RL: warmdown over the whole run is 1 - step/n
+    sft = Schedule(40, warmdown_ratio=1.0)
+    assert [sft.lr_multiplier(k) for k in range(41)] == pytest.approx([1 - k / 40 for k in range(41)])
+
+
+def test_weight_decay_and_momentum_over_a_run():
+    s = Schedule(1000, warmdown_ratio=0.5, weight_decay_shape="cosine",
+                 momentum=Momentum(start=0.85, peak=0.97, ramp_steps=400, warmdown=0.90))
+    assert s.weight_decay_multiplier(0) == 1.0 and s.weight_decay_multiplier(500) == pytest.approx(0.5)
+    assert s.weight_decay_multiplier(1000) == pytest.approx(0.0)
+    wd = [s.weight_decay_multiplier(k) for k in range(1001)]
+    assert wd == sorted(wd, reverse=True)
+    assert Schedule(1000).weight_decay_multiplier(999) == 1.0
+    assert s.muon_momentum(0) == pytest.approx(0.85) and s.muon_momentum(200) == pytest.approx(0.91)
+    assert s.muon_momentum(400) == pytest.approx(0.97) and s.muon_momentum(500) == pytest.approx(0.97)
+    assert s.muon_momentum(750) == pytest.approx(0.935) and s.muon_momentum(1000) == pytest.approx(0.90)
+    assert Schedule(1000).muon_momentum(150) == pytest.approx(0.90)  # the default ramp: 0.85 -> 0.95 over 300 steps
+    assert Schedule(10, momentum=Momentum.constant(0.95)).muon_momentum(0) == 0.95
+
+
+def test_a_schedule_that_does_not_fit_is_refused():
+    for bad in (dict(num_iterations=0), dict(num_iterations=100, warmup_steps=90, warmdown_ratio=0.2),
+                dict(num_iterations=100, warmdown_ratio=1.5), dict(num_iterations=100, weight_decay_shape="linear")):
+        with pytest.raises(ValueError):
+            Schedule(**bad)
+
+
+def test_peaks_per_group_and_apply_sets_what_the_optimizers_read():
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=192))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised projections would get no gradient
+            p.normal_(0, 0.3)
+    lrs = peak_lrs(192, matrix_lr=0.03, embedding_lr=0.3, unembedding_lr=0.006, share=0.5)
+    width = math.sqrt(REFERENCE_WIDTH / 192)  # 2: AdamW LRs grow as the model narrows
+    assert lrs == pytest.approx({"matrix": 0.015, "embedding": 0.15 * width, "lm_head": 0.003 * width})
+    adamw, muon = model.setup_optimizers(lrs, weight_decay=0.1, muon_weight_decay=0.2)
+    s = Schedule(100, warmdown_ratio=0.5, weight_decay_shape="cosine", momentum=Momentum(0.8, 0.9, 10))
+    assert s.apply([adamw, muon], 75) == pytest.approx(0.5)
+    by_name = {g["name"]: g for g in adamw.param_groups}
+    assert by_name["lm_head"]["lr"] == pytest.approx(0.003 * width * 0.5)
+    assert by_name["embedding"]["lr"] == pytest.approx(0.15 * width * 0.5)
+    assert by_name["embedding"]["weight_decay"] == pytest.approx(0.1 * s.weight_decay_multiplier(75))
+    assert all(g["lr"] == pytest.approx(0.0075) and g["momentum"] == pytest.approx(0.9)
+               and g["weight_decay"] == pytest.approx(0.2 * s.weight_decay_multiplier(75)) for g in muon.param_groups)
+    assert all("momentum" not in g for g in adamw.param_groups)
+    # the peaks survive the values of the moment: applying step 0 again restores them
+    s.apply([adamw, muon], 0)
+    assert by_name["lm_head"]["lr"] == pytest.approx(0.003 * width) and muon.param_groups[0]["weight_decay"] == 0.2
+    # a state dict from before weight decay was scheduled (no initial_weight_decay) resumes with its constant value
+    state = adamw.state_dict()
+    for g in state["param_groups"]:
+        del g["initial_weight_decay"]
+    adamw.load_state_dict(state)
+    s.apply([adamw], 50)
+    assert adamw.param_groups[0]["weight_decay"] == pytest.approx(0.1 * s.weight_decay_multiplier(50))
+    # one step of the optimizers with these values moves every parameter
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x).backward()
+    adamw.step()
+    muon.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
