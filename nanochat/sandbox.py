@@ -3,13 +3,34 @@ Running model-written programs (HumanEval) in a sandboxed process: `execute_code
 
 Always: a fresh interpreter (`python -I`: no site/user paths, no PYTHON* variables) with an empty
 environment except PATH/HOME/TMPDIR/LANG; a throwaway working directory (removed afterwards); limits on
-wall time, CPU seconds, file size and core dumps; memory bounded per process (address space) and for all
-of the program's processes together (the supervisor sums their proportional set size every 20 ms and
-kills them all past the limit: reported as `memory_exceeded`); processes+threads bounded by a count that
-covers all descendants (RLIMIT_NPROC of a user id of its own as root; the caller's count plus the budget
-otherwise); output capped at MAX_OUTPUT bytes per stream. A supervisor (the program's parent, which stays
-the caller) reaps and, when the program ends or times out, kills every process it started, daemons that
-called setsid() included; the call returns only after that.
+wall time, CPU seconds, file size, open files (64) and core dumps; processes+threads bounded by a count
+that covers all descendants (RLIMIT_NPROC of a user id of its own as root; the caller's count plus the
+budget otherwise); output capped at MAX_OUTPUT bytes per stream; a fresh, empty session keyring (none
+of the caller's keys); no_new_privs. A supervisor (the program's parent, which stays the caller) reaps
+and, when the program ends or times out, kills every process it started, daemons that called setsid()
+included; the call returns only after that. It ignores every signal the program could send it but
+SIGTERM (which ends the program): such a signal is that program's failed result, never the caller's
+exception, and "could not build the sandbox" (RuntimeError) is only raised before the program started.
+
+Memory: everything the program holds counts against memory_mb. Per process: RLIMIT_AS. Together: every
+20 ms the supervisor sums (1) each process's proportional set size (isolated: less the shared memory it
+maps, counted in (2) instead) and huge pages; (2) each shared-memory object it reaches through an fd or
+a mapping (memfd, shared anonymous memory, deleted files) once, at its allocated size, or at the most it
+could hold where the size cannot be read (an ordinary user may not stat /proc/PID/map_files: a shared
+anonymous mapping counts as the whole limit there); (3) every pipe at pipe-max-size; (4) every socket at
+4 x wmem_max + 2 x rmem_max (with a network namespace of its own: all of them, those in flight in
+messages too); (5) its work dir's tmpfs (isolated); (6) the System V IPC objects of its IPC namespace
+(an ordinary user; as root it gets an IPC namespace in which none can be made); past the limit it kills
+them all (`memory_exceeded`). Closed at the source: nested user namespaces (user.max_user_namespaces = 0
+in a user namespace of its own: one per program as root, the sandbox's as an ordinary user), so no
+tmpfs, IPC or network namespace of its own; POSIX message queues and locked/secret memory
+(RLIMIT_MSGQUEUE = RLIMIT_MEMLOCK = 0); more than 4096 inodes in its tmpfs. Bounded, not counted: fds in
+flight in Unix-socket messages, which no /proc shows: at most 64 + 253 of them (the kernel's per-user
+limit), memfds capped by RLIMIT_FSIZE = memory_mb / 317, so at most about memory_mb more; pipes, in
+flight or not, by the kernel's per-user pipe-user-pages-soft (64 MB by default); kernel memory (stacks,
+page tables, epoll/inotify watches, keys) by the process count and per-user kernel quotas. Not bounded:
+what it allocates and frees between two sums. Only a memory cgroup would count all of it exactly; the
+sandbox does not create one (that needs a writable cgroup tree, which an ordinary user rarely has).
 
 Isolated (the default, and the only mode used unless you opt out): Linux namespaces, from root
 (CAP_SYS_ADMIN) or from unprivileged user namespaces, checked by a probe run:
@@ -19,14 +40,28 @@ Isolated (the default, and the only mode used unless you opt out): Linux namespa
     directory (a private tmpfs of disk_mb: the total it can write); /tmp, /var/tmp, /run, /dev/shm are
     empty tmpfs (no host files, no host Unix sockets); the home folder(s), /root, /home and
     $NANOCHAT_BASE_DIR (the checkpoints) are covered by empty tmpfs mounts, wherever the work dir is.
-  As root the program also runs as a user id no one else has (one per concurrent sandbox), with
-  no_new_privs (setuid binaries grant nothing).
+  As root the program also runs as a user id no one else has (one per concurrent sandbox).
 Where namespaces are unavailable (a default Docker container, user namespaces switched off) execute_code
 refuses with SandboxUnavailable, naming what is missing; it never falls back silently, and a failed probe
 is not remembered (the next call probes again). NANOCHAT_SANDBOX=not-isolated opts in to the weak mode:
-rlimits, the memory sum, a separate user id as root, and an in-process socket guard that ctypes can
-bypass. NOT isolated: the program can reach 127.0.0.1 through a subprocess, read world-readable files,
-write world-writable folders and see host processes; run only code you would run yourself.
+rlimits, the memory sum, a separate user id as root, an in-process socket guard that ctypes can bypass,
+and whatever namespaces the kernel still gives (as root: the program's own user, IPC and network
+namespaces; as an ordinary user: user, pid, IPC and network namespaces). NOT isolated: the program can
+read world-readable files, write world-writable folders (files there are not counted) and see host
+processes; run only code you would run yourself. Where the kernel gives none of those namespaces, System
+V IPC objects the program makes are neither counted nor removed, sockets it keeps in flight are not
+counted, and, for an ordinary user, "nothing runs after the call" has a gap: the program runs as your
+user and can signal any of your processes, its supervisor included. If it kills that, its first process
+dies too (PR_SET_PDEATHSIG) and the caller kills what is left in the launcher's session, but a process
+that moved to a session of its own (setsid) can outlive the call. Use root there.
+
+Grading (`completed`): when the program's code ran to its end, the runner writes a random token on a
+pipe of its own; the token reaches the runner on another pipe, read and closed before the program's first
+line, so it is in none of program.py, its __main__ module, its code's constants, its argv, environment
+or fds. In-process grading is never adversarially sound all the same: the token is in the interpreter's
+memory (the runner's frame, reachable with sys._getframe, gc, ctypes or /proc/self/mem), and a program can
+return objects whose __eq__ is always True or patch what the tests call. Scores measure honest models;
+do not make them an RL reward without checks that run outside the program's process.
 
 The launcher and the interpreter's first lines are real files beside this one: sandbox_launcher.py and
 sandbox_runner.py (standard library only).
@@ -36,6 +71,7 @@ import itertools
 import json
 import math
 import os
+import secrets
 import selectors
 import shutil
 import signal
@@ -53,6 +89,7 @@ LAUNCHER_PATH = os.path.join(HERE, "sandbox_launcher.py")
 RUNNER_PATH = os.path.join(HERE, "sandbox_runner.py")
 MAX_OUTPUT = 64 * 1024  # bytes kept per stream; the rest is read and dropped so the program never blocks
 SETUP_FAILED = 121  # the launcher's exit status when it could not build the sandbox (details on the status pipe)
+MAX_OPEN_FILES = 64  # RLIMIT_NOFILE: also bounds the fds a program can keep in flight in messages (+253)
 SCRATCH_DIRS = ("/tmp", "/var/tmp", "/run", "/var/run", "/dev/shm")  # emptied inside the isolated sandbox
 OPT_IN_ENV, OPT_IN_VALUE = "NANOCHAT_SANDBOX", "not-isolated"
 # as root: each concurrent sandbox runs as a user id of its own (no passwd entry needed), so its
@@ -73,8 +110,9 @@ class ExecutionResult:
     stdout: str
     stderr: str
     timed_out: bool = False  # wall clock or CPU limit
-    memory_exceeded: bool = False  # MemoryError, or its processes together passed the memory limit
+    memory_exceeded: bool = False  # MemoryError, or what it held together passed the memory limit
     error: str = ""  # a short summary: "timed out", "memory exceeded", "exit status 1", "killed by signal 9"
+    completed: bool = False  # its code ran to the end (no exception, no exit): in-process evidence, see the header
 
 
 def _hidden_dirs():
@@ -200,7 +238,11 @@ def _run(code, isolate, timeout=5.0, memory_mb=512, max_procs=64, disk_mb=64):
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="nanochat-sandbox-", dir=_workdir_parent(hidden)))
     user = UID_BASE + (os.getpid() % 4096) * 4096 + next(_uid_slots) % 4096 if root else os.getuid()
     nproc = max_procs if root else _user_tasks(user) + max_procs
-    status_r, status_w = os.pipe()
+    token = secrets.token_hex(16).encode()  # written by the runner on the end pipe when the code ran to its end
+    # pipes: status (launcher -> us), token (us -> runner), end (runner -> us)
+    (status_r, status_w), (token_r, token_w), (end_r, end_w) = (os.pipe() for _ in range(3))
+    os.write(token_w, token)
+    memory = memory_mb * 2**20
     try:
         with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
             f.write(code)
@@ -209,44 +251,54 @@ def _run(code, isolate, timeout=5.0, memory_mb=512, max_procs=64, disk_mb=64):
                 os.chown(path, user, user)
         with open(RUNNER_PATH, encoding="utf-8") as f:
             runner = f.read()
+        # RLIMIT_FSIZE also bounds each memfd; the fds in flight in messages (at most MAX_OPEN_FILES + 253, which
+        # no /proc shows) then hold at most about memory_mb of memfds
+        fsize = max(64 * 1024, min(disk_mb * 2**20, memory // (MAX_OPEN_FILES + 253)))
         config = {"isolate": isolate, "user": user, "python": python, "runner": runner, "status_fd": status_w,
-                  "cover": covers, "disk_mb": disk_mb, "memory_total": memory_mb * 2**20,
-                  "limits": {"memory": memory_mb * 2**20, "cpu": max(1, math.ceil(timeout)), "nproc": nproc,
-                             "fsize": disk_mb * 2**20, "socket_guard": not isolate}}
+                  "cover": covers, "disk_mb": disk_mb, "memory_total": memory,
+                  "limits": {"memory": memory, "cpu": max(1, math.ceil(timeout)), "nproc": nproc, "fsize": fsize,
+                             "nofile": MAX_OPEN_FILES, "socket_guard": not isolate, "token_fd": token_r, "end_fd": end_w}}
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
         # no preexec_fn (unsafe with threads): the launcher process does the privileged setup itself
         try:
             proc = subprocess.Popen([python, "-I", "-S", LAUNCHER_PATH, json.dumps(config)], cwd=workdir, env=env,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    pass_fds=(status_w,), start_new_session=True)
+                                    pass_fds=(status_w, token_r, end_w), start_new_session=True)
         except OSError as e:  # e.g. EAGAIN from fork under load: this program's result, not a broken sandbox
             return ExecutionResult(success=False, stdout="", stderr="", error=f"could not start: {e}")
-        os.close(status_w)
-        status_w = None
+        for fd in (status_w, token_w, token_r, end_w):
+            os.close(fd)
+        status_w = token_w = token_r = end_w = None
         stdout, stderr, timed_out = _collect(proc, timeout)
-        os.set_blocking(status_r, False)
-        try:
-            status = os.read(status_r, 4096).decode(errors="replace")
-        except BlockingIOError:
-            status = ""
+        status, end = (_read_now(fd) for fd in (status_r, end_r))
     finally:
-        for fd in (status_r, status_w):
+        for fd in (status_r, status_w, token_r, token_w, end_r, end_w):
             if fd is not None:
                 os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
     rc = proc.returncode
-    if status and rc == SETUP_FAILED:
-        raise RuntimeError(f"could not build the sandbox: {status}")
+    if rc == SETUP_FAILED and status.startswith("setup failed: "):  # only ever before the program's code ran
+        raise RuntimeError(f"could not build the sandbox: {status.removeprefix('setup failed: ')}")
     # the supervisor reports a signal death as 128+N (as shells do); -N: the launcher itself was killed
     sig = -rc if rc < 0 else rc - 128 if rc > 128 else 0
     timed_out = timed_out or sig == signal.SIGXCPU
     memory_exceeded = not timed_out and (status.startswith("memory limit") or (rc != 0 and "MemoryError" in stderr))
-    if status.startswith("memory limit"):
+    if status.startswith(("memory limit", "supervisor failed")):
         stderr = (stderr + ("\n" if stderr else "") + status)[-MAX_OUTPUT:]
     error = ("timed out" if timed_out else "memory exceeded" if memory_exceeded else
+             status if status.startswith("supervisor failed") else
              f"killed by signal {sig}" if sig else f"exit status {rc}" if rc else "")
-    return ExecutionResult(success=rc == 0 and not timed_out, stdout=stdout, stderr=stderr,
-                           timed_out=timed_out, memory_exceeded=memory_exceeded, error=error)
+    return ExecutionResult(success=rc == 0 and not timed_out, stdout=stdout, stderr=stderr, timed_out=timed_out,
+                           memory_exceeded=memory_exceeded, error=error, completed=rc == 0 and end == token.decode())
+
+
+def _read_now(fd):
+    """What a pipe holds now (its writers are gone or killed), without waiting."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 65536).decode(errors="replace")
+    except BlockingIOError:
+        return ""
 
 
 def _exited(proc):
@@ -288,11 +340,36 @@ def _collect(proc, timeout):
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    _kill_session(proc.pid)
     proc.wait()
     proc.stdout.close()
     proc.stderr.close()
     out, err = (bytes(kept[fd]).decode("utf-8", errors="replace") for fd in kept)
     return out, err, timed_out
+
+
+def _kill_session(sid):
+    """Kill what is left in the launcher's session (it is unreaped: the id cannot be reused). Only the not-isolated
+    mode without a pid namespace can leave anything: a program running as our own user that killed its supervisor;
+    what it moved to a session of its own (setsid) is out of reach there (see the header)."""
+    for _ in range(100):
+        found = []
+        for p in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    state, _, _, session = f.read().rsplit(")", 1)[1].split()[:4]  # fields 3-6, after "(comm)"
+                if int(session) == sid and int(p) != sid and state != "Z":
+                    found.append(int(p))
+            except (OSError, ValueError, IndexError):
+                pass
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if not found:
+            return
+        time.sleep(0.01)
 
 
 def execute_many(codes, workers=2, **kwargs):

@@ -1,7 +1,8 @@
 """
 HumanEval: 164 Python functions to complete. The user gives the signature and docstring; the
 assistant answers with the whole function in a ```python block. Evaluation runs the completion
-against the problem's tests in the sandbox (nanochat.sandbox).
+against the problem's tests in the sandbox (nanochat.sandbox); see `evaluate` for what a pass means
+and what in-process grading cannot stop.
 """
 
 import gzip
@@ -51,10 +52,13 @@ class HumanEval(Task):
         return f"{imports}\n{code}\n\n{conversation['test']}\n\ncheck({conversation['entry_point']})\n"
 
     def evaluate(self, conversation, completion):
-        """Passes only if the tests ran to the end: a completion that exits early (sys.exit(0)) fails."""
-        import secrets
+        """Passes only if the program exited 0 and its code ran to the end (ExecutionResult.completed: the
+        sandbox's token, which never enters program.py, its globals or its code's constants), so a
+        completion that exits early (sys.exit(0), os._exit(0)) fails. In-process evidence, never proof: a
+        program that inspects its own interpreter (frames, gc, ctypes, /proc/self/mem) can still find the
+        token, and one that returns objects whose __eq__ is always True, or patches what the tests call,
+        passes them. Fine for measuring an honest model; NOT an RL reward without checks that run
+        outside the program's process."""
         from nanochat.sandbox import execute_code
-        nonce = secrets.token_hex(8)
-        program = self.program(conversation, completion) + f"print({nonce!r})\n"
-        result = execute_code(program, timeout=self.timeout)
-        return int(result.success and result.stdout.rstrip().endswith(nonce))
+        result = execute_code(self.program(conversation, completion), timeout=self.timeout)
+        return int(result.success and result.completed)

@@ -363,3 +363,13 @@ def test_a_broken_sandbox_raises_instead_of_failing_the_program(monkeypatch):
     monkeypatch.setattr(sandbox, "_hidden_dirs", lambda: ["/nanochat/does/not/exist"])
     with pytest.raises(RuntimeError, match="could not build the sandbox"):
         execute_code("print('hello')")
+
+
+def test_completed_only_when_the_code_ran_to_its_end(mode):
+    """`completed` is what HumanEval's pass needs: exit status 0 alone is also what sys.exit(0) or os._exit(0)
+    before the tests give."""
+    cases = {"print('done')": True, "import sys\nsys.exit(0)": False, "import os\nos._exit(0)": False,
+             "raise ValueError('boom')": False, "import sys\nsys.stdout.write('x' * 200000)": True}
+    for code, completed in cases.items():
+        r = execute_code(code)
+        assert r.completed == completed, (code, r)

@@ -1,8 +1,10 @@
 """
 The sandbox against the attacks that got through before (issue 14, items 1-5): host Unix sockets,
 failing open, limits that were per process instead of per sandbox, sandboxes that could reach each
-other, checkpoints visible when the work dir sat under the base dir. As the caller of the tests (root
-in CI) and, where the machine allows, as an ordinary user.
+other, checkpoints visible when the work dir sat under the base dir; and the next round (sections 6-10):
+memory held where no process's PSS shows it, the caller's session keyring, signals to the supervisor,
+programs that outlive the call, forged HumanEval passes. As the caller of the tests (root in CI) and,
+where the machine allows, as an ordinary user; after each attack, nothing of the program may be left.
 """
 
 import json
@@ -10,7 +12,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -268,12 +269,8 @@ print(json.dumps(results))
 """
 
 
-@needs_root
-def test_as_an_ordinary_user(open_dir):
-    python = "/usr/bin/python3"
-    if not (shutil.which("setpriv") and os.path.exists(python)):
-        pytest.skip("needs setpriv and a system-wide /usr/bin/python3 to run as another user")
-    # a copy of the sandbox (standard library only) that the other user can read, wherever the repo is
+def sandbox_copy(open_dir):
+    """A copy of the sandbox (standard library only) that another user can read, wherever the repo is."""
     package = os.path.join(open_dir, "lib", "nanochat_sandbox_copy")
     os.makedirs(package)
     for path in (sandbox.__file__, sandbox.LAUNCHER_PATH, sandbox.RUNNER_PATH):
@@ -282,17 +279,31 @@ def test_as_an_ordinary_user(open_dir):
     for root, dirs, files in os.walk(os.path.join(open_dir, "lib")):
         for name in dirs + files:
             os.chmod(os.path.join(root, name), 0o755)
+    return os.path.join(open_dir, "lib")
+
+
+def run_helper(open_dir, script, *args, as_nobody=True):
+    """Run `script` (argv: the copy's folder, then args) in a fresh interpreter, as user 65534 or as the
+    caller; returns the JSON of its last line. Skips where the machine cannot do it."""
+    python = "/usr/bin/python3"
+    if not (os.path.exists(python) and (shutil.which("setpriv") or not as_nobody)):
+        pytest.skip("needs setpriv and a system-wide /usr/bin/python3 to run as another user")
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_nobody else []
+    r = subprocess.run(prefix + [python, "-I", "-c", script, sandbox_copy(open_dir), *args], capture_output=True,
+                       text=True, timeout=240, cwd=open_dir,
+                       env={"PATH": "/usr/bin:/bin", "HOME": open_dir, "SECRET_OF_THE_CALLER": "hunter2"})
+    if "cannot isolate" in r.stderr:
+        pytest.skip(f"no unprivileged user namespaces here: {r.stderr.strip()[-300:]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@needs_root
+def test_as_an_ordinary_user(open_dir):
     sock = os.path.join(open_dir, "user.sock")
     server = unix_server(sock)
     try:
-        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", AS_USER,
-                            os.path.join(open_dir, "lib"), CONNECT.format(paths=[sock]), FOUR_CHILDREN],
-                           capture_output=True, text=True, timeout=120, cwd=open_dir,
-                           env={"PATH": "/usr/bin:/bin", "HOME": open_dir, "SECRET_OF_THE_CALLER": "hunter2"})
-        if "cannot isolate" in r.stderr:
-            pytest.skip(f"no unprivileged user namespaces here: {r.stderr.strip()[-300:]}")
-        assert r.returncode == 0, r.stderr[-3000:]
-        out = json.loads(r.stdout.strip().splitlines()[-1])
+        out = run_helper(open_dir, AS_USER, CONNECT.format(paths=[sock]), FOUR_CHILDREN)
         assert "connected" not in out["socket"] and "refused" in out["socket"], out
         assert out["memory"] == "memory exceeded", out
         assert "Network is unreachable" in out["network"], out
@@ -300,3 +311,381 @@ def test_as_an_ordinary_user(open_dir):
         assert_nothing_arrived([server])
     finally:
         server.close()
+
+
+# -------------------------------------------------------------------------------------------------
+# helpers for the attacks below: every program's processes carry its memory limit in their command
+# line (the launcher's and the runner's JSON), so an odd limit marks them
+
+def leftovers(memory_mb):
+    """Live processes of the sandbox that ran with this memory limit (there must be none after the call)."""
+    marker = f'"memory": {memory_mb * 2**20}'.encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def assert_no_leftovers(memory_mb):
+    found = leftovers(memory_mb)
+    for pid in found:  # tidy up before failing, so one failure does not leave a program running
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    assert found == [], f"processes of the program outlived the call: {found}"
+
+
+def shmem_mb():
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Shmem:")) // 1024
+
+
+# -------------------------------------------------------------------------------------------------
+# 6 (item 4). memory held outside any process's PSS counts against memory_mb: each program tries to
+# hold 64 MB under a 32-39 MB limit in a place the old sum missed, with small steps that the sum of
+# process memory alone never sees; it prints HELD if it got there, and KEPT if it could keep it for 3 s
+
+HOLD_MB = 64
+HOLD_PRELUDE = """import ctypes, fcntl, os, socket, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+held, keep = 0, []
+def fail(what):
+    raise OSError(ctypes.get_errno(), what)
+try:
+    while held < %d * 2**20:
+""" % HOLD_MB
+HOLD_EPILOGUE = """
+except OSError as e:
+    print("stopped:", e)
+print("HELD" if held >= %d * 2**20 else "only", held >> 20, flush=True)
+if held >= %d * 2**20:  # (the supervisor sums every 20 ms: a moment over the limit is possible, keeping it is not)
+    time.sleep(3)
+    print("KEPT", flush=True)
+""" % (HOLD_MB, HOLD_MB)
+HOLD_STEPS = {  # the body of the loop: hold a little more, add it to `held`
+    "memfd": """
+        fd = os.memfd_create("hold")
+        try:
+            while True:
+                held += os.write(fd, b"x" * 65536)
+        except OSError as e:
+            if e.errno != 27:  # EFBIG: this one is full, go on with the next
+                raise
+        keep.append(fd)
+        if len(keep) == 40:  # short of RLIMIT_NOFILE: a child keeps these 40, we go on with new ones
+            if os.fork() == 0:
+                time.sleep(60)
+            for fd in keep:
+                os.close(fd)
+            keep.clear()""",
+    "memfd in flight": """
+        if not keep:
+            keep.extend(socket.socketpair())
+        fd = os.memfd_create("hold")
+        try:
+            while True:
+                held += os.write(fd, b"x" * 65536)
+        except OSError as e:
+            if e.errno != 27:
+                raise
+        socket.send_fds(keep[0], [b"x"], [fd])  # held by the message alone: in no fd table, in no process
+        os.close(fd)""",
+    "pipes": """
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(w, 1031, 2**20)  # F_SETPIPE_SZ
+        except OSError:
+            pass
+        os.set_blocking(w, False)
+        try:
+            while True:
+                held += os.write(w, b"x" * 65536)
+        except BlockingIOError:
+            pass
+        os.close(w)
+        keep.append(r)""",
+    "socket buffers": """
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2**30)
+        a.setblocking(False)
+        try:
+            while True:
+                held += a.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        keep.append((a, b))""",
+    "unmapped shared memory": """
+        libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                                   ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        p = libc.mmap(None, 8 * 2**20, 3, 0x21, -1, 0)  # MAP_SHARED | MAP_ANONYMOUS
+        if p in (None, 2**64 - 1):
+            fail("mmap")
+        ctypes.memset(p, 1, 8 * 2**20)
+        libc.munmap(p + 4096, 8 * 2**20 - 4096)  # one page stays mapped: the other 8 MB live on, in no PSS
+        held += 8 * 2**20""",
+    "SysV shared memory": """
+        libc.shmat.restype, libc.shmat.argtypes = ctypes.c_void_p, [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        libc.shmdt.argtypes = [ctypes.c_void_p]
+        sid = libc.shmget(0, 8 * 2**20, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+        if sid < 0:
+            fail("shmget")
+        p = libc.shmat(sid, None, 0)
+        ctypes.memset(p, 1, 8 * 2**20)
+        libc.shmdt(p)
+        held += 8 * 2**20""",
+    "SysV memory in a nested namespace": """
+        if not keep and libc.unshare(0x10000000 | 0x8000000) != 0:  # CLONE_NEWUSER | CLONE_NEWIPC: default limits
+            fail("unshare")
+        sid = libc.shmget(0, 8 * 2**20, 0o1600)
+        if sid < 0:
+            fail("shmget")
+        keep.append(sid)
+        libc.shmat.restype, libc.shmat.argtypes = ctypes.c_void_p, [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        libc.shmdt.argtypes = [ctypes.c_void_p]
+        p = libc.shmat(sid, None, 0)
+        ctypes.memset(p, 1, 8 * 2**20)
+        libc.shmdt(p)
+        held += 8 * 2**20""",
+    "tmpfs in a nested namespace": """
+        if not keep:  # (where /proc is writable: the not-isolated mode)
+            uid, gid = os.getuid(), os.getgid()
+            if libc.unshare(0x10000000 | 0x20000) != 0:  # CLONE_NEWUSER | CLONE_NEWNS
+                fail("unshare")
+            for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+            libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+            if libc.mount(b"tmpfs", b"/tmp", b"tmpfs", 0, b"size=1g") != 0:
+                fail("mount tmpfs")
+        with open("/tmp/f%d" % len(keep), "wb") as f:
+            held += f.write(b"x" * 8 * 2**20)
+        keep.append(f.name)""",
+}
+HOLD_CODES = {name: HOLD_PRELUDE + step.lstrip("\n") + HOLD_EPILOGUE for name, step in HOLD_STEPS.items()}
+HOLD_LIMITS = {name: 32 + i for i, name in enumerate(HOLD_CODES)}  # memory_mb, one per attack (the marker)
+
+HOLD_AS_USER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from nanochat_sandbox_copy import sandbox
+out = {}
+for mode, attacks in json.loads(sys.argv[2]).items():
+    if mode == "isolated" and not sandbox.isolation_available()[0]:
+        continue  # (no unprivileged user namespaces here)
+    if mode == "not isolated":
+        sandbox.isolation_available = lambda: (False, "the test asks for the not-isolated mode")
+        sandbox.os.environ[sandbox.OPT_IN_ENV] = sandbox.OPT_IN_VALUE
+    for name, (code, memory_mb) in attacks.items():
+        r = sandbox.execute_code(code, memory_mb=memory_mb, timeout=20)
+        out[mode + ": " + name] = [r.stdout, r.error, memory_mb]
+print(json.dumps(out))
+"""
+
+
+NOT_ISOLATED_HOLDS = [name for name in HOLD_CODES if name not in ("socket buffers", "memfd in flight")]  # (socket guard)
+
+
+def check_holds(results):
+    for name, (stdout, error, memory_mb) in results.items():
+        assert "KEPT" not in stdout, (name, stdout, error)  # refused, stopped by a limit, or killed for memory
+        assert_no_leftovers(memory_mb)
+
+
+def run_holds(names):
+    results = {}
+    for name in names:
+        r = execute_code(HOLD_CODES[name], memory_mb=HOLD_LIMITS[name], timeout=20)
+        results[name] = [r.stdout, r.error, HOLD_LIMITS[name]]
+        assert r.stdout.startswith(("HELD", "only", "stopped")) or r.memory_exceeded, (name, r)
+    return results
+
+
+def test_memory_outside_processes_counts(isolated):
+    before = shmem_mb()
+    check_holds(run_holds(HOLD_CODES))
+    assert shmem_mb() < before + HOLD_MB // 2  # nothing of it is still held
+
+
+def test_memory_outside_processes_counts_not_isolated(monkeypatch):
+    monkeypatch.setattr(sandbox, "isolation_available", lambda: (False, "the test asks for the not-isolated mode"))
+    monkeypatch.setenv(sandbox.OPT_IN_ENV, sandbox.OPT_IN_VALUE)
+    before = shmem_mb()
+    check_holds(run_holds(NOT_ISOLATED_HOLDS))
+    assert shmem_mb() < before + HOLD_MB // 2
+
+
+@needs_root
+def test_memory_outside_processes_counts_as_an_ordinary_user(open_dir):
+    before = shmem_mb()
+    attacks = {mode: {name: [HOLD_CODES[name], HOLD_LIMITS[name]] for name in names}
+               for mode, names in (("isolated", HOLD_CODES), ("not isolated", NOT_ISOLATED_HOLDS))}
+    check_holds(run_helper(open_dir, HOLD_AS_USER, json.dumps(attacks)))
+    assert shmem_mb() < before + HOLD_MB // 2
+
+
+# -------------------------------------------------------------------------------------------------
+# 7 (item 5). the caller's session keyring stays out of reach: the program gets a fresh, empty one
+
+KEYS = {"x86_64": (248, 250), "aarch64": (217, 219)}  # add_key, keyctl syscall numbers
+READ_KEYS = """import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+keyctl = {keyctl}
+buf = ctypes.create_string_buffer(4096)
+def read(key):
+    n = libc.syscall(keyctl, 11, ctypes.c_long(key), buf, 4096)  # KEYCTL_READ
+    return buf.raw[:n].hex() if n >= 0 else "refused %d" % ctypes.get_errno()
+found = libc.syscall(keyctl, 10, ctypes.c_long(-3), b"user", b"nanochat-test", 0)  # KEYCTL_SEARCH in @s
+print("by id:", read({key}))
+print("by search:", read(found) if found > 0 else "not found")
+print("session keyring:", read(-3))  # the ids of the keys in it
+"""
+KEYRING_HELPER = """
+import ctypes, json, os, platform, sys
+sys.path.insert(0, sys.argv[1])
+from nanochat_sandbox_copy import sandbox
+add_key, keyctl = json.loads(sys.argv[2])[platform.machine()]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+if libc.syscall(keyctl, 1, None) < 0:  # KEYCTL_JOIN_SESSION_KEYRING: a session keyring of this helper's own
+    print(json.dumps({"skip": "keyctl: " + os.strerror(ctypes.get_errno())}))
+    sys.exit(0)
+key = libc.syscall(add_key, b"user", b"nanochat-test", b"s3cret-of-the-caller", 20, ctypes.c_long(-3))
+assert key > 0, os.strerror(ctypes.get_errno())
+r = sandbox.execute_code(sys.argv[3].format(keyctl=keyctl, key=key))
+print(json.dumps({"stdout": r.stdout, "stderr": r.stderr}))
+"""
+
+
+@pytest.mark.parametrize("as_nobody", [False, True], ids=["caller", "ordinary user"])
+def test_the_callers_session_keyring_is_out_of_reach(isolated, open_dir, as_nobody):
+    import platform
+    if as_nobody and not ROOT:
+        pytest.skip("running as another user needs root")
+    if platform.machine() not in KEYS:
+        pytest.skip(f"no keyctl syscall numbers for {platform.machine()} in this test")
+    out = run_helper(open_dir, KEYRING_HELPER, json.dumps(KEYS), READ_KEYS, as_nobody=as_nobody)
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    secret = b"s3cret-of-the-caller".hex()
+    assert secret not in out["stdout"] and "refused" in out["stdout"], out
+    assert "by search: not found" in out["stdout"] and "session keyring: \n" in out["stdout"], out  # empty
+
+
+# -------------------------------------------------------------------------------------------------
+# 8 (item 6). a signal the program sends its supervisor is that program's failure, never the caller's
+# exception; 9 (item 7). when the call returns nothing of the program runs, whatever it killed
+
+SIGNALS = ["SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTERM", "SIGPIPE", "SIGABRT",
+           "SIGSEGV", "SIGIO", "SIGPWR", "SIGSTOP", "SIGKILL"]
+SIGNAL_PARENT = "import os, signal, time\nos.kill(os.getppid(), signal.{sig})\ntime.sleep(0.2)\nprint('still here')"
+KILL_PARENT = """import os, signal, time
+if os.fork() == 0:
+    os.setsid()  # a daemon: out of the program's process group and session
+    time.sleep(60)
+    os._exit(0)
+time.sleep(0.2)
+try:
+    os.kill(os.getppid(), signal.SIGKILL)
+    print("killed the supervisor")
+except OSError as e:
+    print("refused", e.errno)
+time.sleep(60)
+"""
+SIGNALS_HELPER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from nanochat_sandbox_copy import sandbox
+codes, memory_mb = json.loads(sys.argv[2])
+out = {}
+for mode in ("isolated", "not isolated"):
+    if mode == "isolated" and not sandbox.isolation_available()[0]:
+        continue  # (no unprivileged user namespaces here)
+    if mode == "not isolated":
+        sandbox.isolation_available = lambda: (False, "the test asks for the not-isolated mode")
+        sandbox.os.environ[sandbox.OPT_IN_ENV] = sandbox.OPT_IN_VALUE
+    for name, code in codes.items():
+        try:
+            r = sandbox.execute_code(code, timeout=3, memory_mb=memory_mb)
+            out["ordinary user, %s: %s" % (mode, name)] = r.stdout + r.error
+        except BaseException as e:
+            out["ordinary user, %s: %s" % (mode, name)] = "exception: %s: %s" % (type(e).__name__, e)
+print(json.dumps(out))
+"""
+
+
+def run_everywhere(codes, memory_mb, monkeypatch, open_dir):
+    """Each program in both modes, as the caller (root in CI) and, where the machine allows, as an ordinary user
+    (then the program may signal its supervisor: same user). {where: output + error, or the exception}."""
+    out = {}
+    for mode in ("isolated", "not isolated"):
+        if mode == "isolated" and not sandbox.isolation_available()[0]:
+            continue
+        if mode == "not isolated":
+            monkeypatch.setattr(sandbox, "isolation_available", lambda: (False, "the test asks for the not-isolated mode"))
+            monkeypatch.setenv(sandbox.OPT_IN_ENV, sandbox.OPT_IN_VALUE)
+        for name, code in codes.items():
+            try:
+                r = execute_code(code, timeout=3, memory_mb=memory_mb)
+                out[f"caller, {mode}: {name}"] = r.stdout + r.error
+            except Exception as e:
+                out[f"caller, {mode}: {name}"] = f"exception: {type(e).__name__}: {e}"
+    if ROOT and shutil.which("setpriv") and os.path.exists("/usr/bin/python3"):
+        out.update(run_helper(open_dir, SIGNALS_HELPER, json.dumps([codes, memory_mb])))
+    return out
+
+
+def test_a_signal_to_the_supervisor_is_the_programs_failure(open_dir, monkeypatch):
+    memory_mb = 341
+    out = run_everywhere({sig: SIGNAL_PARENT.format(sig=sig) for sig in SIGNALS}, memory_mb, monkeypatch, open_dir)
+    raised = {k: v for k, v in out.items() if v.startswith("exception")}
+    assert raised == {}, raised
+    assert_no_leftovers(memory_mb)
+
+
+def test_nothing_of_the_program_outlives_the_call(open_dir, monkeypatch):
+    memory_mb = 342
+    out = run_everywhere({"kill the supervisor": KILL_PARENT}, memory_mb, monkeypatch, open_dir)
+    assert_no_leftovers(memory_mb)  # neither the program nor its daemon, in any mode, whoever it could kill
+    assert all(not v.startswith("exception") for v in out.values()), out
+
+
+# -------------------------------------------------------------------------------------------------
+# 10 (item 8). a HumanEval pass cannot be forged by reading the success token from the program's file,
+# its __main__ module or its code's constants, and printing it (or writing it anywhere) before exiting
+
+FORGER = '''
+import os, re, sys
+found = set(re.findall(r"[0-9a-f]{16,}", open("program.py").read()))
+import __main__
+for value in list(vars(__main__).values()):
+    if isinstance(value, str):
+        found.update(re.findall(r"[0-9a-f]{16,}", value))
+for const in sys._getframe().f_code.co_consts:
+    if isinstance(const, str):
+        found.update(re.findall(r"[0-9a-f]{16,}", const))
+for token in found:
+    print(token, flush=True)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            os.write(int(fd), (token + "\\n").encode())
+        except OSError:
+            pass
+os._exit(0)
+'''
+
+
+def test_humaneval_pass_cannot_be_forged(isolated, local_data):
+    from tasks.humaneval import HumanEval
+    task = HumanEval(timeout=10)
+    conversation = task[0]
+    wrong = f"```python\n{conversation['prompt'].rstrip()}\n    return None\n{FORGER}```"
+    assert task.evaluate(conversation, wrong) == 0
+    assert task.evaluate(conversation, conversation["messages"][1]["content"]) == 1
