@@ -34,7 +34,7 @@ from nanochat.dataset import REMOTE_SHARD_CHARS, list_shards, shard_chars, shard
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.schedule import Schedule, peak_lrs
+from nanochat.schedule import Momentum, Schedule, peak_lrs
 from nanochat.stage import (LoopState, StageLog, StopRequest, add_loop_args, add_lr_args, due, init_stage,
                             resume_run, save_stage)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -81,6 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--orthogonalize", default="newton_schulz", choices=["newton_schulz", "polar_express"],
                    help="Muon's orthogonalisation")
     p.add_argument("--normuon-beta2", type=float, default=0.0, help="NorMuon's per-neuron normalisation (0: off)")
+    p.add_argument("--momentum", type=float, nargs=3, default=[0.85, 0.95, 300], metavar=("START", "PEAK", "STEPS"),
+                   help="Muon's momentum: ramped from START to PEAK over STEPS steps")
+    p.add_argument("--momentum-warmdown", type=float, default=None,
+                   help="Muon's momentum moves linearly to this value during the LR warmdown (None: it stays at PEAK)")
     p.add_argument("--warmup-steps", type=int, default=0, help="steps of linear LR warmup")
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="share of steps of linear LR warmdown")
     p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a share of the peak")
@@ -196,8 +200,9 @@ def main(argv=None):
         num_iterations = max(1, round(args.target_param_data_ratio * n_params / args.total_batch_size))
     total_tokens = num_iterations * args.total_batch_size
     try:
+        start, peak, ramp = args.momentum
         schedule = Schedule(num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac,
-                            args.weight_decay_schedule)
+                            args.weight_decay_schedule, Momentum(start, peak, int(ramp), args.momentum_warmdown))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print0(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head} (kv {config.n_kv_head}), "

@@ -1,0 +1,127 @@
+"""
+The pretraining recipe at equal FLOPs: the classic recipe (Muon with Newton-Schulz, no weight decay,
+momentum 0.85 -> 0.95, warmdown over the last 20% to 0) against each 2026 piece alone and all of them
+together, at depth 4 and 6, several seeds, on one pinned val split. Every run is the real
+scripts.base_train (fp32, the same steps, batch and sequence length, so the same FLOPs; the model
+seed changes). Prints val bpb per run, then per recipe the mean over seeds with the spread, the change
+against classic, tokens/s and wall-clock.
+
+    python -m bench.recipe                                     # depths 4 and 6, 3 seeds, 300 steps
+    python -m bench.recipe --depths 4 --seeds 1 --steps 100 --recipes classic all   # a quick look
+
+Data: the Gutenberg + WikiText-2 text of the full local copy ($NANOCHAT_LOCAL_DATA or ../shared/data),
+shards and an 8192-token tokenizer built once into --work-dir (kept, so reruns skip it).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from bench import REPO_ROOT, data_dir
+
+CLASSIC = ["--orthogonalize", "newton_schulz", "--normuon-beta2", "0", "--muon-weight-decay", "0", "--weight-decay", "0",
+           "--weight-decay-schedule", "constant", "--momentum", "0.85", "0.95", "300", "--warmup-steps", "0",
+           "--warmdown-ratio", "0.2", "--final-lr-frac", "0"]
+# each 2026 piece, as flags on top of classic (the values named in issue 21: nanochat's and the papers')
+PIECES = {
+    "polar_express": ["--orthogonalize", "polar_express"],  # Amsel et al. 2025
+    "normuon": ["--normuon-beta2", "0.9"],  # arXiv 2510.05491; beta2 0.9 as nanochat
+    "cautious_wd": ["--muon-weight-decay", "0.2", "--weight-decay-schedule", "cosine"],  # arXiv 2510.12402, cosine to 0
+    "momentum": ["--momentum", "0.85", "0.97", "400", "--momentum-warmdown", "0.90"],  # nanochat 2026
+    "lr_schedule": ["--warmup-steps", "40", "--warmdown-ratio", "0.65", "--final-lr-frac", "0.05"],  # nanochat 2026
+}
+
+
+def recipes():
+    out = {"classic": CLASSIC}
+    out.update({name: CLASSIC + flags for name, flags in PIECES.items()})
+    out["all"] = CLASSIC + [f for flags in PIECES.values() for f in flags]  # later flags win in argparse
+    return out
+
+
+def py(argv, env, log=None):
+    r = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if log:
+        with open(log, "w") as f:
+            f.write(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return r.stdout
+
+
+def prepare(work, env):
+    """Shards and tokenizer in `work`, once."""
+    if os.path.exists(os.path.join(work, "tokenizer")):
+        return
+    pretrain = os.path.join(data_dir(), "pretrain")
+    py(["-m", "nanochat.dataset", "prepare", "--input", os.path.join(pretrain, "gutenberg"),
+        os.path.join(pretrain, "wikitext-2-raw"), "--shard-chars", "20000000", "--val-chars", "500000"], env)
+    py(["-m", "scripts.tok_train", "--vocab-size", "8192", "--max-chars", "20000000"], env)
+
+
+def run(name, flags, depth, seed, ns, env):
+    """One base_train run -> {val_bpb, tokens_per_s, wall_s}."""
+    tag = f"{name}-d{depth}-s{seed}"
+    metrics = os.path.join(ns.work_dir, "base_checkpoints", tag, "metrics.jsonl")
+    if os.path.exists(metrics):
+        os.remove(metrics)
+    t0 = time.time()
+    py(["-m", "scripts.base_train", "--depth", str(depth), "--head-dim", "64", "--max-seq-len", str(ns.seq),
+        "--device-batch-size", str(ns.batch_tokens // ns.seq), "--total-batch-size", str(ns.batch_tokens),
+        "--num-iterations", str(ns.steps), "--dtype", "float32", "--eval-every", "-1", "--eval-tokens", "100000000",
+        "--sample-every", "-1", "--save-every", "-1", "--seed", str(seed), "--model-tag", tag, *flags],
+       env, log=os.path.join(ns.work_dir, f"{tag}.log"))
+    with open(metrics) as f:
+        records = [json.loads(line) for line in f]
+    steps = [r for r in records if "tokens_per_s" in r][5:]  # past the first steps' warm-up
+    return {"val_bpb": [r["val_bpb"] for r in records if "val_bpb" in r][-1], "wall_s": time.time() - t0,
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else float("nan")}
+
+
+def main():
+    all_recipes = recipes()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", type=int, nargs="+", default=[4, 6])
+    p.add_argument("--seeds", type=int, default=3, help="model seeds per recipe (1, 2, ...)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per step")
+    p.add_argument("--recipes", nargs="+", default=list(all_recipes), choices=list(all_recipes))
+    p.add_argument("--work-dir", default=os.path.join(REPO_ROOT, ".bench_recipe"), help="shards, tokenizer, runs")
+    ns = p.parse_args()
+    os.makedirs(ns.work_dir, exist_ok=True)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=ns.work_dir)
+    prepare(ns.work_dir, env)
+    import torch
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; seq {ns.seq}, {ns.batch_tokens} tokens/step, "
+          f"{ns.steps} steps, fp32; seeds 1..{ns.seeds}", flush=True)
+    results = {}
+    for depth in ns.depths:
+        for name in ns.recipes:
+            for seed in range(1, ns.seeds + 1):
+                r = results[(depth, name, seed)] = run(name, all_recipes[name], depth, seed, ns, env)
+                print(f"  d{depth} {name:14s} seed {seed}: val bpb {r['val_bpb']:.4f}, {r['tokens_per_s']:,.0f} tok/s, "
+                      f"{r['wall_s']:.0f} s", flush=True)
+    print()
+    print("| depth | recipe | val bpb (mean of seeds) | spread (max - min) | vs classic | tokens/s | vs classic | wall s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for depth in ns.depths:
+        def summary(name):
+            runs = [results[(depth, name, s)] for s in range(1, ns.seeds + 1)]
+            bpb = [r["val_bpb"] for r in runs]
+            return (statistics.mean(bpb), max(bpb) - min(bpb), statistics.mean(r["tokens_per_s"] for r in runs),
+                    statistics.mean(r["wall_s"] for r in runs))
+        base = summary("classic") if "classic" in ns.recipes else None
+        for name in ns.recipes:
+            bpb, spread, tps, wall = summary(name)
+            d_bpb = f"{bpb - base[0]:+.4f}" if base else "-"
+            d_tps = f"{tps / base[2]:.2f}x" if base else "-"
+            print(f"| {depth} | {name} | {bpb:.4f} | {spread:.4f} | {d_bpb} | {tps:,.0f} | {d_tps} | {wall:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
