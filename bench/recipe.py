@@ -64,22 +64,32 @@ def prepare(work, env):
 
 
 def run(name, flags, depth, seed, ns, env):
-    """One base_train run -> {val_bpb, tokens_per_s, wall_s}."""
+    """One base_train run -> {val_bpb, tokens_per_s, wall_s}; a run with the same command already in --work-dir is
+    reused unless --fresh (its result file records the command)."""
     tag = f"{name}-d{depth}-s{seed}"
     metrics = os.path.join(ns.work_dir, "base_checkpoints", tag, "metrics.jsonl")
+    argv = ["-m", "scripts.base_train", "--depth", str(depth), "--head-dim", "64", "--max-seq-len", str(ns.seq),
+            "--device-batch-size", str(ns.batch_tokens // ns.seq), "--total-batch-size", str(ns.batch_tokens),
+            "--num-iterations", str(ns.steps), "--dtype", "float32", "--eval-every", "-1", "--eval-tokens", "100000000",
+            "--sample-every", "-1", "--save-every", "-1", "--seed", str(seed), "--model-tag", tag, *flags]
+    saved = os.path.join(ns.work_dir, f"{tag}.json")
+    if not ns.fresh and os.path.exists(saved):
+        with open(saved) as f:
+            done = json.load(f)
+        if done["argv"] == argv:
+            return dict(done["result"], cached=True)
     if os.path.exists(metrics):
         os.remove(metrics)
     t0 = time.time()
-    py(["-m", "scripts.base_train", "--depth", str(depth), "--head-dim", "64", "--max-seq-len", str(ns.seq),
-        "--device-batch-size", str(ns.batch_tokens // ns.seq), "--total-batch-size", str(ns.batch_tokens),
-        "--num-iterations", str(ns.steps), "--dtype", "float32", "--eval-every", "-1", "--eval-tokens", "100000000",
-        "--sample-every", "-1", "--save-every", "-1", "--seed", str(seed), "--model-tag", tag, *flags],
-       env, log=os.path.join(ns.work_dir, f"{tag}.log"))
+    py(argv, env, log=os.path.join(ns.work_dir, f"{tag}.log"))
     with open(metrics) as f:
         records = [json.loads(line) for line in f]
     steps = [r for r in records if "tokens_per_s" in r][5:]  # past the first steps' warm-up
-    return {"val_bpb": [r["val_bpb"] for r in records if "val_bpb" in r][-1], "wall_s": time.time() - t0,
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else float("nan")}
+    result = {"val_bpb": [r["val_bpb"] for r in records if "val_bpb" in r][-1], "wall_s": time.time() - t0,
+              "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else float("nan")}
+    with open(saved, "w") as f:
+        json.dump({"argv": argv, "result": result}, f)
+    return result
 
 
 def main():
@@ -92,6 +102,7 @@ def main():
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per step")
     p.add_argument("--recipes", nargs="+", default=list(all_recipes), choices=list(all_recipes))
     p.add_argument("--work-dir", default=os.path.join(REPO_ROOT, ".bench_recipe"), help="shards, tokenizer, runs")
+    p.add_argument("--fresh", action="store_true", help="rerun runs whose results are already in --work-dir")
     ns = p.parse_args()
     os.makedirs(ns.work_dir, exist_ok=True)
     env = dict(os.environ, NANOCHAT_BASE_DIR=ns.work_dir)
@@ -105,7 +116,7 @@ def main():
             for seed in range(1, ns.seeds + 1):
                 r = results[(depth, name, seed)] = run(name, all_recipes[name], depth, seed, ns, env)
                 print(f"  d{depth} {name:14s} seed {seed}: val bpb {r['val_bpb']:.4f}, {r['tokens_per_s']:,.0f} tok/s, "
-                      f"{r['wall_s']:.0f} s", flush=True)
+                      f"{r['wall_s']:.0f} s{' (an earlier run)' if r.get('cached') else ''}", flush=True)
     print()
     print("| depth | recipe | val bpb (mean of seeds) | spread (max - min) | vs classic | tokens/s | vs classic | wall s |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
