@@ -4,7 +4,9 @@ training stage, in one place:
 
 - the peak learning rates: the flags' values at the reference width (768), scaled by
   1/sqrt(width / 768) for the AdamW groups (embedding, lm_head), times the stage's share of them
-  (post-training stages start from a fraction of the base run's LRs);
+  (post-training stages start from a fraction of the base run's LRs; a batch picked by the batch
+  rule scales them by sqrt(batch / 2^19));
+- the batch rule (base_train --total-batch-size -1): the batch from the model size;
 - the LR over time: linear warmup over `warmup_steps`, flat, then a linear warmdown over the last
   `warmdown_ratio` of the run to `final_lr_frac` of the peak;
 - weight decay over time: the peak value, constant or decayed to 0 by a cosine over the run;
@@ -20,6 +22,23 @@ import math
 from dataclasses import dataclass
 
 REFERENCE_WIDTH = 768  # the AdamW LRs were tuned at this model width
+# The batch rule, from nanochat's 2026 measurements at GPU scale (d12-d26): the best batch grows as ~D^0.383 with
+# the training tokens D and is 2^19 tokens at depth 12, where the LRs were tuned; LRs scale as sqrt(B / 2^19).
+REFERENCE_BATCH = 2**19
+REFERENCE_DEPTH = 12
+BATCH_EXPONENT = 0.383
+
+
+def auto_batch_size(tokens, reference_tokens, unit):
+    """The power of two nearest REFERENCE_BATCH * (tokens / reference_tokens)^BATCH_EXPONENT (reference_tokens: what
+    the depth-12 model trains on under the same rule), rounded to a multiple of `unit` (one micro-batch per rank)."""
+    batch = 2 ** round(math.log2(REFERENCE_BATCH * (tokens / reference_tokens) ** BATCH_EXPONENT))
+    return max(unit, round(batch / unit) * unit)
+
+
+def batch_lr_scale(batch):
+    """The LR factor of a batch picked by the rule: sqrt(batch / REFERENCE_BATCH)."""
+    return math.sqrt(batch / REFERENCE_BATCH)
 
 
 def peak_lrs(n_embd, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, share=1.0):

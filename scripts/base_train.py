@@ -34,7 +34,7 @@ from nanochat.dataset import REMOTE_SHARD_CHARS, list_shards, shard_chars, shard
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.schedule import Momentum, Schedule, peak_lrs
+from nanochat.schedule import REFERENCE_DEPTH, Momentum, Schedule, auto_batch_size, batch_lr_scale, peak_lrs
 from nanochat.stage import (LoopState, StageLog, StopRequest, add_loop_args, add_lr_args, due, init_stage,
                             resume_run, save_stage)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -69,7 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--target-param-data-ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla = 20)")
     # batch
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per device")
-    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all ranks")
+    p.add_argument("--total-batch-size", type=int, default=-1,
+                   help="tokens per optimizer step, all ranks; -1: from the model size (the batch rule in "
+                        "nanochat/schedule.py: 2^19 at depth 12, growing as D^0.383 of the training tokens; the LRs "
+                        "then scale by sqrt(batch / 2^19))")
     # optimization
     add_lr_args(p)
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (embedding, lm_head)")
@@ -109,10 +112,12 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    positive = ["depth", "head_dim", "aspect_ratio", "max_seq_len", "device_batch_size", "total_batch_size"]
+    positive = ["depth", "head_dim", "aspect_ratio", "max_seq_len", "device_batch_size"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.total_batch_size <= 0 and args.total_batch_size != -1:
+        raise SystemExit(f"error: --total-batch-size must be positive, or -1 (from the model size), got {args.total_batch_size}")
     if args.num_iterations == 0 or args.target_param_data_ratio <= 0:
         raise SystemExit("error: --num-iterations must be positive (or -1) and --target-param-data-ratio positive")
     if not 0 <= args.warmdown_ratio <= 1 or not 0 <= args.final_lr_frac <= 1 or args.warmup_steps < 0:
@@ -189,6 +194,16 @@ def main(argv=None):
     # horizon and batch arithmetic
     tokens_per_micro = args.device_batch_size * args.max_seq_len
     world_tokens_per_micro = tokens_per_micro * world_size
+    lr_share = 1.0
+    if args.total_batch_size == -1:  # the batch rule: from this model's training tokens against depth 12's
+        with torch.device("meta"):
+            reference = GPT(config_for_depth(REFERENCE_DEPTH, vocab_size, args.max_seq_len, head_dim=args.head_dim,
+                                             aspect_ratio=args.aspect_ratio)).num_params()
+        ratio = args.target_param_data_ratio
+        args.total_batch_size = auto_batch_size(ratio * n_params, ratio * reference, world_tokens_per_micro)
+        lr_share = batch_lr_scale(args.total_batch_size)
+        print0(f"batch from the model size: {args.total_batch_size:,} tokens ({n_params / reference:.2f}x the depth-"
+               f"{REFERENCE_DEPTH} parameters); LRs x {lr_share:.3f} (sqrt of batch / 2^19)")
     if args.total_batch_size % world_tokens_per_micro != 0:
         raise SystemExit(f"error: --total-batch-size {args.total_batch_size} is not a multiple of device_batch_size "
                          f"* max_seq_len * world_size = {args.device_batch_size} * {args.max_seq_len} * {world_size} "
@@ -205,6 +220,9 @@ def main(argv=None):
                             args.weight_decay_schedule, Momentum(start, peak, int(ramp), args.momentum_warmdown))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    lrs = peak_lrs(config.n_embd, args.matrix_lr, args.embedding_lr, args.unembedding_lr, share=lr_share)
+    print0(f"peak LRs: " + ", ".join(f"{name} {lr:.5g}" for name, lr in lrs.items())
+           + f"; warmup {args.warmup_steps} steps, warmdown {schedule.warmdown_steps} steps to {args.final_lr_frac:g}")
     print0(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head} (kv {config.n_kv_head}), "
            f"vocab {vocab_size:,} (padded {model.padded_vocab_size:,}), context {config.sequence_len}")
     print0(f"parameters: {n_params:,} | FLOPs per token: {flops_per_token:.3e}")
@@ -246,7 +264,6 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------------------------------
     # optimizers, data, and the state a resume restores
-    lrs = peak_lrs(model.config.n_embd, args.matrix_lr, args.embedding_lr, args.unembedding_lr)
     optimizers = model.setup_optimizers(lrs, weight_decay=args.weight_decay, muon_weight_decay=args.muon_weight_decay,
                                         ns_dtype=dtype,  # bf16 runs orthogonalise in bf16 too
                                         orthogonalize=args.orthogonalize, beta2=args.normuon_beta2 or None,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.schedule import REFERENCE_WIDTH, Momentum, Schedule, peak_lrs
+from nanochat.schedule import REFERENCE_WIDTH, Momentum, Schedule, auto_batch_size, batch_lr_scale, peak_lrs
 
 
 def test_lr_multiplier_at_its_boundaries():
@@ -83,3 +83,17 @@ def test_peaks_per_group_and_apply_sets_what_the_optimizers_read():
     adamw.step()
     muon.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_the_batch_rule():
+    """2^19 tokens at depth 12's data, growing as D^0.383 (nanochat's 2026 measurement), a power of two and a multiple of
+    one micro-batch per rank; LRs scale as sqrt(batch / 2^19)."""
+    d12 = 100e6 * 20
+    assert auto_batch_size(d12, d12, 8 * 2048) == 2**19
+    assert auto_batch_size(d12 * 2 ** (1 / 0.383), d12, 8 * 2048) == 2**20  # twice the batch for 2^(1/0.383) the data
+    assert auto_batch_size(d12 * 1.2, d12, 8 * 2048) == 2**19  # rounds to the nearest power of two
+    sizes = [auto_batch_size(d12 * f, d12, 1) for f in (0.01, 0.1, 1, 10, 100)]
+    assert sizes == sorted(sizes) and sizes[0] < 2**19 < sizes[-1]
+    assert auto_batch_size(d12 / 1e6, d12, 6 * 2048) == 6 * 2048  # never below one micro-batch on every rank
+    assert auto_batch_size(d12, d12, 3 * 2**17) % (3 * 2**17) == 0  # a world size of 3 still divides it
+    assert batch_lr_scale(2**19) == 1.0 and batch_lr_scale(2**21) == pytest.approx(2.0)

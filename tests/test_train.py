@@ -354,6 +354,9 @@ def test_base_train_dry_run_and_flag_errors(env_base):
         assert needle in out, out
     params = int(out.split("parameters: ")[1].split(" ")[0].replace(",", ""))
     assert 3.5e8 < params < 7e8  # d20: 20 layers of 12 * 1280^2 weights + (small) embeddings
+    # the batch rule picks 2^20 for d20 (3.5x depth 12's parameters: 2^19 * 3.5^0.383 ~ 2^19.7) and scales the LRs
+    assert "batch from the model size: 1,048,576 tokens" in out and "LRs x 1.414" in out, out
+    assert "peak LRs: matrix 0.028284" in out, out
     assert not os.path.exists(os.path.join(env_base, "base_checkpoints", "d20"))
 
     bad = run_train(env_base, *TINY, "--total-batch-size", "500", check=False)
