@@ -34,10 +34,13 @@ SMOOTHING = 0.9  # EMA factor of the logged loss
 # flags
 
 
-def add_lr_args(parser):
-    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the embedding (scaled by width)")
-    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head (scaled by width)")
-    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+def add_lr_args(parser, inherit=False):
+    """The LR flags (values at width 768). inherit: a post-training stage's, whose default is the input's recipe."""
+    note = " (None: the input checkpoint's)" if inherit else ""
+    for flag, default, what in (("--embedding-lr", 0.2, "AdamW LR of the embedding (scaled by width)"),
+                                ("--unembedding-lr", 0.004, "AdamW LR of the lm_head (scaled by width)"),
+                                ("--matrix-lr", 0.02, "Muon LR of the block matrices")):
+        parser.add_argument(flag, type=float, default=None if inherit else default, help=what + note)
 
 
 def add_loop_args(parser, stage, save_every, seed, seed_help):
@@ -52,7 +55,7 @@ def add_loop_args(parser, stage, save_every, seed, seed_help):
 def add_stage_args(parser, stage, init_lr_frac, seed, save_every=-1):
     """The flags every post-training stage (mid, SFT, RL) has: output tag, LRs, the loop's flags."""
     parser.add_argument("--out-tag", default=None, help=f"tag of the {stage} checkpoint (default: the input's tag)")
-    add_lr_args(parser)
+    add_lr_args(parser, inherit=True)
     parser.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="LR as a share of the base run's")
     add_loop_args(parser, stage, save_every, seed, "data order (and sampling) seed (positive)")
 
@@ -89,10 +92,27 @@ def load_stage_model(args, stage, device):
     return model, tokenizer, meta, os.path.join(get_base_dir(), SOURCES[stage], out_tag)
 
 
-def stage_optimizers(model, args, dtype):
-    """The base run's optimizers (Muon + AdamW) at --init-lr-frac of the flags' LRs."""
-    lrs = peak_lrs(model.config.n_embd, args.matrix_lr, args.embedding_lr, args.unembedding_lr, share=args.init_lr_frac)
-    return model.setup_optimizers(lrs, ns_dtype=dtype)
+def optimizer_recipe(lrs, orthogonalize="newton_schulz", normuon_beta2=None, adam_betas=(0.8, 0.95)):
+    """What a checkpoint records of how it was trained, for the stages after it: the peak LRs (after width and batch
+    scaling) and the optimizers' settings."""
+    return {"lrs": dict(lrs), "orthogonalize": orthogonalize, "normuon_beta2": normuon_beta2, "adam_betas": list(adam_betas)}
+
+
+def stage_optimizers(model, args, dtype, meta):
+    """
+    A post-training stage's optimizers: the input checkpoint's recipe (its peak LRs, Muon's orthogonalisation and
+    NorMuon, AdamW's betas; no weight decay), an LR flag that is given replacing its group's, all at
+    --init-lr-frac. Checkpoints from before recipes were recorded count as today's defaults. Returns
+    (optimizers, recipe); the recipe goes into this stage's checkpoints, so the next stage inherits it too.
+    """
+    recipe = meta.get("recipe") or optimizer_recipe(peak_lrs(model.config.n_embd))
+    given = {"matrix": args.matrix_lr, "embedding": args.embedding_lr, "lm_head": args.unembedding_lr}
+    flagged = peak_lrs(model.config.n_embd, *(v or 0.0 for v in given.values()))
+    recipe = dict(recipe, lrs={k: flagged[k] if v is not None else recipe["lrs"][k] for k, v in given.items()})
+    optimizers = model.setup_optimizers({k: v * args.init_lr_frac for k, v in recipe["lrs"].items()},
+                                        adam_betas=tuple(recipe["adam_betas"]), ns_dtype=dtype,
+                                        orthogonalize=recipe["orthogonalize"], beta2=recipe["normuon_beta2"])
+    return optimizers, recipe
 
 
 # -------------------------------------------------------------------------------------------------

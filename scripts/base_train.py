@@ -36,7 +36,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.schedule import REFERENCE_DEPTH, Momentum, Schedule, auto_batch_size, batch_lr_scale, peak_lrs
 from nanochat.stage import (LoopState, StageLog, StopRequest, add_loop_args, add_lr_args, due, init_stage,
-                            resume_run, save_stage)
+                            optimizer_recipe, resume_run, save_stage)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import train_step
 
@@ -221,6 +221,7 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     lrs = peak_lrs(config.n_embd, args.matrix_lr, args.embedding_lr, args.unembedding_lr, share=lr_share)
+    recipe = optimizer_recipe(lrs, args.orthogonalize, args.normuon_beta2 or None)  # what the later stages inherit
     print0(f"peak LRs: " + ", ".join(f"{name} {lr:.5g}" for name, lr in lrs.items())
            + f"; warmup {args.warmup_steps} steps, warmdown {schedule.warmdown_steps} steps to {args.final_lr_frac:g}")
     print0(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head} (kv {config.n_kv_head}), "
@@ -320,7 +321,7 @@ def main(argv=None):
         last, stopping = step == num_iterations, stop.requested(step, args.stop_after_step)
         if state.save_due(last, stopping, args.save_every):  # before any eval, so a crash during it loses nothing
             save_stage(checkpoint_dir, state, orig_model, optimizers, args,
-                       {"val_bpb": state.val_bpb, "num_iterations": num_iterations},
+                       {"val_bpb": state.val_bpb, "num_iterations": num_iterations, "recipe": recipe},
                        dataloader_state={"readers": [r.state for r in readers]})
         if stopping and not last:
             break

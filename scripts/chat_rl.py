@@ -84,7 +84,7 @@ def main(argv=None):
     print0(f"GSM8K train: {len(train_task):,} problems; {num_iterations} steps x {args.prompts_per_step} problems x "
            f"{args.num_samples} samples ({num_iterations / max(one_epoch, 1):.2f} epochs)")
 
-    optimizers = stage_optimizers(model, args, dtype)
+    optimizers, recipe = stage_optimizers(model, args, dtype, meta)
     # linear decay to 0 over the whole run; Muon's momentum stays where the optimizer starts it
     schedule = Schedule(num_iterations, warmdown_ratio=1.0, momentum=Momentum.constant(0.95))
     state = RLState()
@@ -108,7 +108,8 @@ def main(argv=None):
         step = state.step
         last, stopping = step == num_iterations, stop.requested(step, args.stop_after_step)
         if state.save_due(last, stopping, args.save_every):
-            save_stage(checkpoint_dir, state, model, optimizers, args, {"source": args.source, "source_step": meta["step"]})
+            save_stage(checkpoint_dir, state, model, optimizers, args,
+                       {"source": args.source, "source_step": meta["step"], "recipe": recipe})
         if stopping and not last:
             break
         if args.eval_problems > 0 and (last or due(args.eval_every, step)):

@@ -123,7 +123,7 @@ def main(argv=None):
     print0(f"steps: {num_iterations} x {args.examples_per_step} conversations "
            f"({num_iterations / max(one_epoch, 1):.2f} epochs); grad accumulation {grad_accum} x world size {world_size}")
 
-    optimizers = stage_optimizers(model, args, dtype)
+    optimizers, recipe = stage_optimizers(model, args, dtype, meta)
     # linear decay to 0 over the whole run; Muon's momentum stays where the optimizer starts it
     schedule = Schedule(num_iterations, warmdown_ratio=1.0, momentum=Momentum.constant(0.95))
     state = SFTState()
@@ -169,7 +169,7 @@ def main(argv=None):
         last, stopping = step == num_iterations, stop.requested(step, args.stop_after_step)
         if state.save_due(last, stopping, args.save_every):  # before the evals: a crash in them loses nothing
             save_stage(checkpoint_dir, state, model, optimizers, args,
-                       {"val_loss": state.val_loss, "source": args.source, "source_step": meta["step"]})
+                       {"val_loss": state.val_loss, "source": args.source, "source_step": meta["step"], "recipe": recipe})
         if stopping and not last:
             break
         if last or due(args.eval_every, step):

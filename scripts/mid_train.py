@@ -128,7 +128,7 @@ def main(argv=None):
            f"grad accumulation {grad_accum} x world size {world_size}")
     token_bytes = get_token_bytes(device=device)
 
-    optimizers = stage_optimizers(model, args, dtype)
+    optimizers, recipe = stage_optimizers(model, args, dtype, meta)
     schedule = Schedule(num_iterations, warmdown_ratio=args.warmdown_ratio)  # Muon's momentum ramps up again
     state = MidState()
     if args.resume:
@@ -159,7 +159,7 @@ def main(argv=None):
         last, stopping = step == num_iterations, stop.requested(step, args.stop_after_step)
         if state.save_due(last, stopping, args.save_every):  # before the eval: a crash in it loses nothing
             save_stage(checkpoint_dir, state, model, optimizers, args,
-                       {"val_bpb": state.val_bpb, "source": args.source, "source_step": meta["step"]})
+                       {"val_bpb": state.val_bpb, "source": args.source, "source_step": meta["step"], "recipe": recipe})
         if stopping and not last:
             break
         if last or due(args.eval_every, step):

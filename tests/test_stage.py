@@ -119,3 +119,35 @@ def check_sigterm_resume(run, checkpoint_dir, records, big_n=1000, exit_code=128
     interrupted, uninterrupted = records("sig"), records("ref")
     assert [r["step"] for r in interrupted] == list(range(1, step + 3))
     assert [r["loss"] for r in interrupted] == [r["loss"] for r in uninterrupted]
+
+
+def test_post_training_inherits_the_input_recipe():
+    """A post-training stage's optimizers take the input checkpoint's recipe (peak LRs after width/batch scaling,
+    Polar Express, NorMuon, AdamW betas) at its --init-lr-frac; an LR flag that is given replaces its group's (scaled
+    by width); a checkpoint without a recipe counts as today's defaults."""
+    import argparse
+    import torch
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.optim import polar_express
+    from nanochat.schedule import peak_lrs
+    from nanochat.stage import optimizer_recipe, stage_optimizers
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=192))
+    model.init_weights()
+    base = optimizer_recipe({"matrix": 0.03, "embedding": 0.5, "lm_head": 0.01}, "polar_express", 0.9, (0.7, 0.9))
+    args = argparse.Namespace(matrix_lr=None, embedding_lr=None, unembedding_lr=None, init_lr_frac=0.1)
+    (adamw, muon), recipe = stage_optimizers(model, args, torch.float32, {"recipe": base})
+    assert recipe == base
+    groups = {g["name"]: g for g in adamw.param_groups}
+    assert groups["embedding"]["initial_lr"] == pytest.approx(0.05) and groups["lm_head"]["initial_lr"] == pytest.approx(0.001)
+    assert groups["embedding"]["betas"] == (0.7, 0.9) and muon.param_groups[0]["initial_lr"] == pytest.approx(0.003)
+    assert muon.orthogonalize is polar_express and muon.param_groups[0]["beta2"] == 0.9
+    assert all(g["weight_decay"] == 0 for opt in (adamw, muon) for g in opt.param_groups)
+    # a given flag replaces its group only, scaled by width like base_train's
+    args.matrix_lr, args.unembedding_lr = 0.05, 0.004
+    (adamw, muon), recipe = stage_optimizers(model, args, torch.float32, {"recipe": base})
+    assert recipe["lrs"] == pytest.approx({"matrix": 0.05, "embedding": 0.5, "lm_head": peak_lrs(192)["lm_head"]})
+    assert muon.param_groups[0]["initial_lr"] == pytest.approx(0.005)
+    # an older checkpoint (no recipe): the defaults
+    args.matrix_lr = args.unembedding_lr = None
+    _, recipe = stage_optimizers(model, args, torch.float32, {})
+    assert recipe == optimizer_recipe(peak_lrs(192))
