@@ -2,15 +2,17 @@
 Pretraining shards: their names, where they live, how to get them and how to read them.
 
 A shard is a parquet file with one string column `text`, one document per row, named
-shard_NNNNN.parquet, in $NANOCHAT_BASE_DIR/base_data. Shards come from one of two places:
-
-    python -m nanochat.dataset -n 8                      download (hub, or the NANOCHAT_DATA_URL mirror)
-    python -m nanochat.dataset prepare --input PATH ...  build them from local text (nanochat/text_shards.py)
+shard_NNNNN.parquet, in $NANOCHAT_BASE_DIR/base_data, either downloaded (`python -m nanochat.dataset
+-n 8 [--dataset climbmix|fineweb-edu]`: the hub, or the NANOCHAT_DATA_URL mirror) or built from local
+text (`python -m nanochat.dataset prepare --input PATH ...`, nanochat/text_shards.py). The hub's
+sources are one table (SOURCES; ClimbMix by default): shard_00000..shard_<last>, the last one val. A
+base_data folder holds one source (recorded in index.json; another source's download is refused: the
+tokenizer, and every checkpoint through its fingerprint, are tied to the shards).
 
 The split is pinned by name, never by "the last file on disk" (that moves while shards download):
-index.json in base_data says which shards are train and which are val; without it the remote
-convention holds, val = shard_01822.parquet and train = every other shard. A folder made by
-`prepare` (shards + index.json + SHA256SUMS) is itself a mirror: serve it over http or use file://.
+index.json says which shards are train and which val; a folder without one (from before sources were
+recorded) follows FineWeb-Edu's convention, val = shard_01822.parquet. A folder made by `prepare`
+(shards + index.json + SHA256SUMS) is itself a mirror: serve it over http or use file://.
 
 This module never tokenizes; nanochat/dataloader.py does that on top of iter_batches.
 """
@@ -26,6 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -34,9 +37,20 @@ import pyarrow.parquet as pq
 
 from nanochat.common import atomic_write, get_base_dir, print0
 
-BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-MAX_SHARD = 1822  # the remote has shards 0..1822; by convention the last one is val
-VAL_SHARD = "shard_01822.parquet"
+HUB = "https://huggingface.co/datasets"
+
+
+# pretraining text on the hub: shard_00000..shard_<last_shard> at `url`, the last one val; chars_per_shard is
+# what plans assume before a shard is here (they measure one once it is)
+Source = namedtuple("Source", "url last_shard chars_per_shard")
+SOURCES = {  # ClimbMix (NVIDIA, 400B tokens): the 2026 nanochat records' data (its switch from FineWeb-Edu took
+    # "time to GPT-2" from 2.76 h to 2.02 h on 8xH100); chars per shard estimated (~61M tokens x ~4 chars)
+    "climbmix": Source(f"{HUB}/karpathy/climbmix-400b-shuffle/resolve/main", 6542, 250_000_000),
+    "fineweb-edu": Source(f"{HUB}/karpathy/fineweb-edu-100b-shuffle/resolve/main", 1822, 250_000_000),  # 100B tokens
+}
+DEFAULT_SOURCE = "climbmix"
+LEGACY_SOURCE = "fineweb-edu"  # the convention of a base_data folder without index.json
+VAL_SHARD = "shard_01822.parquet"  # that convention's val shard: the last of SOURCES[LEGACY_SOURCE]
 INDEX_FILE = "index.json"
 SUMS_FILE = "SHA256SUMS"
 SHARD_RE = re.compile(r"shard_\d{5}\.parquet")
@@ -50,9 +64,9 @@ def shard_name(index):
     return f"shard_{index:05d}.parquet"
 
 
-def base_url():
-    """Where shards are downloaded from: $NANOCHAT_DATA_URL (a mirror) or the hub."""
-    url = (os.environ.get("NANOCHAT_DATA_URL") or BASE_URL).rstrip("/")
+def base_url(source=DEFAULT_SOURCE):
+    """Where shards are downloaded from: $NANOCHAT_DATA_URL (a mirror) or the source's folder on the hub."""
+    url = (os.environ.get("NANOCHAT_DATA_URL") or SOURCES[source].url).rstrip("/")
     if not url.startswith(("http://", "https://", "file://")):
         raise ValueError(f"NANOCHAT_DATA_URL={url} must start with http://, https:// or file://")
     return url
@@ -107,10 +121,10 @@ def list_shards(split):
     return [os.path.join(directory, name) for name in names]
 
 
-# The remote FineWeb-Edu shards hold ~250M characters each, and a 32k-vocabulary BPE of this kind
+# The default source's shards hold ~250M characters each, and a 32k-vocabulary BPE of this kind
 # encodes that text at ~4.8 characters per token; plans use measured values when shards (and a
 # tokenizer, measured by the caller) are at hand, these only before anything is downloaded.
-REMOTE_SHARD_CHARS = 250_000_000
+REMOTE_SHARD_CHARS = SOURCES[DEFAULT_SOURCE].chars_per_shard
 
 
 def shard_chars(path):
@@ -190,8 +204,7 @@ def iter_batches(split, rank=0, world_size=1, start=None, loop=False):
 
 def parquets_iter_batched(split, start=0, step=1):
     """Just the texts of iter_batches, every `step`-th row group from the `start`-th (one pass)."""
-    for texts, _ in iter_batches(split, rank=start, world_size=step):
-        yield texts
+    return (texts for texts, _ in iter_batches(split, rank=start, world_size=step))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -288,14 +301,13 @@ def fetch_mirror_index(base, retries=5, backoff=0.5):
     return sums, index
 
 
-def shards_to_download(num_train, index=None):
-    """
-    Shard indices for `-n N` (-1 = all): the first N train shards and every val shard, as the
-    mirror's index.json lists them, or without one the remote convention: 0..N-1 plus MAX_SHARD.
-    """
+def shards_to_download(num_train, index=None, source=DEFAULT_SOURCE):
+    """Shard indices for `-n N` (-1 = all): the first N train shards and every val shard, as the mirror's
+    index.json lists them, or without one the source's convention: 0..N-1 plus its last."""
     if index is None:
-        n = MAX_SHARD if num_train < 0 else min(num_train, MAX_SHARD)
-        return list(range(n)) + [MAX_SHARD]
+        last = SOURCES[source].last_shard
+        n = last if num_train < 0 else min(num_train, last)
+        return list(range(n)) + [last]
     train = index["train"] if num_train < 0 else index["train"][:num_train]
     return [int(name[len("shard_"):-len(".parquet")]) for name in train + index["val"]]
 
@@ -325,18 +337,33 @@ def _download_one(name, url, path, sha256, retries, backoff):
         raise RuntimeError(f"shard {name} is not on the mirror: {e}") from e
 
 
-def download_shards(indices, base=None, workers=4, retries=5, backoff=0.5):
+def local_source(directory):
+    """The source a base_data folder holds: its index.json's "source", LEGACY_SOURCE for shards without an
+    index.json, None for an empty folder or one made by `prepare` or from a mirror's index."""
+    path = os.path.join(directory, INDEX_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("source")
+    return LEGACY_SOURCE if any(SHARD_RE.fullmatch(n) for n in os.listdir(directory)) else None
+
+
+def download_shards(indices, base=None, workers=4, retries=5, backoff=0.5, source=DEFAULT_SOURCE):
     """
     Download shards by index into data_dir(), `workers` at a time, each verified before it gets its
     final name, retried with exponential back-off. Returns their paths. If the mirror serves an
     index.json, data_dir()'s index.json is written from it, listing the shards asked for or already
-    on disk (so a shard that failed stays listed and list_shards says it is missing).
+    on disk (so a shard that failed stays listed and list_shards says it is missing); if not, from the
+    source's convention, with the source's name. A folder that holds another source is refused.
     """
-    base = (base or base_url()).rstrip("/")
+    base = (base or base_url(source)).rstrip("/")
     if not base.startswith(("http://", "https://", "file://")):
         raise ValueError(f"base URL {base} must start with http://, https:// or file://")
-    sums, index = fetch_mirror_index(base, retries, backoff)
     directory = data_dir()
+    held = local_source(directory)
+    if held not in (None, source):
+        raise ValueError(f"{directory} holds {held} shards; {source} shards (with their own tokenizer) go in another "
+                         f"folder: set NANOCHAT_BASE_DIR elsewhere, or move those shards away")
+    sums, index = fetch_mirror_index(base, retries, backoff)
     names = list(dict.fromkeys(shard_name(i) for i in indices))
     lock, done, t0 = threading.Lock(), [0], time.time()
 
@@ -352,14 +379,20 @@ def download_shards(indices, base=None, workers=4, retries=5, backoff=0.5):
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(one, name) for name in names]
     errors = [str(future.exception()) for future in futures if future.exception() is not None]
+    index_path = os.path.join(directory, INDEX_FILE)
     if index is not None:
         local = {split: [n for n in index[split] if n in names or os.path.exists(os.path.join(directory, n))]
                  for split in ("train", "val")}
-        with atomic_write(os.path.join(directory, INDEX_FILE), "w") as f:
+        with atomic_write(index_path, "w") as f:
             json.dump(local, f, indent=1)
-    elif os.path.exists(os.path.join(directory, INDEX_FILE)):
-        print0(f"note: {base} has no {INDEX_FILE} but {directory} has one, which decides the split; "
-               f"delete it to use the remote convention (val = {VAL_SHARD})")
+    elif held == source or not os.path.exists(index_path):  # the source's convention, recorded with its name
+        val = shard_name(SOURCES[source].last_shard)
+        on_disk = [n for n in sorted(os.listdir(directory)) if SHARD_RE.fullmatch(n) and n != val]
+        with atomic_write(index_path, "w") as f:
+            json.dump({"train": sorted(set(on_disk) | {n for n in names if n != val}), "val": [val], "source": source},
+                      f, indent=1)
+    else:
+        print0(f"note: {base} has no {INDEX_FILE} but {directory} has one, which decides the split")
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(names)} shards failed: " + "; ".join(errors))
     print0(f"{len(names)} shards in {directory} ({time.time() - t0:.1f}s)")
@@ -375,6 +408,8 @@ def main(argv=None):
         "Download pretraining shards (-n N), or build them from local text (prepare --input PATH)."))
     parser.add_argument("-n", "--num-files", type=int, default=None,
                         help="download the first N train shards plus the val shard(s); -1 = all (default: none)")
+    parser.add_argument("--dataset", default=DEFAULT_SOURCE, choices=sorted(SOURCES),
+                        help="which source to download (default: %(default)s)")
     parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads (default: %(default)s)")
     parser.add_argument("--retries", type=int, default=5, help="attempts per file (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", metavar="{prepare}")
@@ -401,12 +436,12 @@ def main(argv=None):
             return
         if args.num_files is None or args.num_files < -1 or args.workers < 1 or args.retries < 1:
             parser.error("download with -n N (N >= 0, or -1 for all) and -w/--retries >= 1, or use `prepare`")
-        base = base_url()
+        base = base_url(args.dataset)
         _, index = fetch_mirror_index(base, args.retries)
-        indices = shards_to_download(args.num_files, index)
-        print0(f"downloading {len(indices)} shards from {base} into {data_dir()}"
-               + (f" (the split of its {INDEX_FILE})" if index else f" ({VAL_SHARD} is val)"))
-        download_shards(indices, base, workers=args.workers, retries=args.retries)
+        indices = shards_to_download(args.num_files, index, args.dataset)
+        print0(f"downloading {len(indices)} {args.dataset} shards from {base} into {data_dir()}"
+               + (f" (the split of its {INDEX_FILE})" if index else f" ({shard_name(SOURCES[args.dataset].last_shard)} is val)"))
+        download_shards(indices, base, workers=args.workers, retries=args.retries, source=args.dataset)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         parser.exit(1, f"error: {e}\n")
 

@@ -394,18 +394,47 @@ def test_remote_convention_over_http(mirror, prepared_index, base_dir, serve, tm
     server, url = serve(folder)
     monkeypatch.setenv("NANOCHAT_DATA_URL", url + "/")
     assert dataset.base_url() == url
-    dataset.main(["-n", "2", "-w", "2"])
+    dataset.main(["-n", "2", "-w", "2", "--dataset", "fineweb-edu"])
     data = base_dir / "base_data"
-    assert sorted(os.listdir(data)) == names[:2] + [dataset.VAL_SHARD]  # no index.json: the convention decides
+    # no index.json on the mirror: the source's convention decides, and is recorded with the source's name
+    assert sorted(os.listdir(data)) == sorted(names[:2] + [dataset.VAL_SHARD, "index.json"])
+    assert json.loads((data / "index.json").read_text()) == {"train": names[:2], "val": [dataset.VAL_SHARD],
+                                                             "source": "fineweb-edu"}
     assert dataset.list_shards("val") == [str(data / dataset.VAL_SHARD)]
     assert server.requests["index.json"] >= 1 and server.requests["SHA256SUMS"] >= 1  # asked, 404, fine
-    assert dataset.shards_to_download(2) == [0, 1, dataset.MAX_SHARD]
-    assert len(dataset.shards_to_download(-1)) == dataset.MAX_SHARD + 1
+    dataset.main(["-n", "3", "-w", "2", "--dataset", "fineweb-edu"])  # more of the same source: listed too
+    assert dataset.list_shards("train") == [str(data / n) for n in names[:3]]
+    with pytest.raises(SystemExit):  # another source into the same folder: refused, nothing fetched
+        dataset.main(["-n", "1", "--dataset", "climbmix"])
+    assert sorted(os.listdir(data)) == sorted(names + ["index.json"])
+    assert dataset.shards_to_download(2, source="fineweb-edu") == [0, 1, 1822]
+    assert dataset.shards_to_download(2) == [0, 1, 6542]  # ClimbMix by default
+    assert len(dataset.shards_to_download(-1, source="fineweb-edu")) == 1823
     index = {"train": ["shard_00003.parquet", "shard_00007.parquet", "shard_00001.parquet"], "val": ["shard_00009.parquet"]}
     assert dataset.shards_to_download(2, index) == [3, 7, 9]
     monkeypatch.setenv("NANOCHAT_DATA_URL", "ftp://example.com")
     with pytest.raises(ValueError, match="http://, https:// or file://"):
         dataset.base_url()
+
+
+def test_the_source_table_by_hand(base_dir, monkeypatch):
+    """The hub's sources as their repositories name them (issue 21): ClimbMix by default, 6,543 shards, the last val;
+    FineWeb-Edu, 1,823; a folder of shards without index.json is FineWeb-Edu's and refuses ClimbMix."""
+    assert dataset.DEFAULT_SOURCE == "climbmix"
+    climbmix, fineweb = dataset.SOURCES["climbmix"], dataset.SOURCES["fineweb-edu"]
+    assert climbmix.url == "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+    assert fineweb.url == "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+    assert dataset.shard_name(climbmix.last_shard) == "shard_06542.parquet"
+    assert dataset.shard_name(fineweb.last_shard) == dataset.VAL_SHARD == "shard_01822.parquet"
+    monkeypatch.delenv("NANOCHAT_DATA_URL", raising=False)
+    assert dataset.base_url() == climbmix.url and dataset.base_url("fineweb-edu") == fineweb.url
+    data = base_dir / "base_data"
+    data.mkdir(exist_ok=True)
+    assert dataset.local_source(str(data)) is None
+    (data / dataset.shard_name(0)).write_bytes(text_shards.encode_shard(["an old document"]))
+    assert dataset.local_source(str(data)) == "fineweb-edu"
+    with pytest.raises(ValueError, match="holds fineweb-edu shards"):
+        dataset.download_shards([0], base="file:///nonexistent", source="climbmix")
 
 
 # -------------------------------------------------------------------------------------------------
