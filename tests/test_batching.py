@@ -248,7 +248,7 @@ def test_close_stops_the_thread_and_a_new_request_restarts_it(tokenizer):
 def test_a_bf16_weights_replica_batches_like_it_runs_alone(tokenizer):
     """chat_web stores a replica's weights in bf16 when bf16 is chosen (--dtype, or auto where it measures
     faster): the scheduler's cache follows that dtype and batched replies equal the replica's replies alone."""
-    from scripts.chat_web import serving_model
+    from nanochat.serving import serving_model
     engine = Engine(random_gpt(tokenizer, seed=6).to(torch.bfloat16), tokenizer, calculator=lambda e: "0")
     ps = prompts(tokenizer)[:4]
     expected = [alone(engine, p, max_tokens=12, temperature=0) for p in ps]
