@@ -175,13 +175,18 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def num_scaling_params(self):
+        """The parameters the data:param ratio counts: the block matrices and the lm_head, not the embedding (a
+        lookup; nanochat's 2026 scaling-law sweeps found the cleanest fits counting these, dev/LOG.md 2026-01-27)."""
+        return self.num_params() - self.transformer.wte.weight.numel()
+
     def estimate_flops(self):
         """
         Training FLOPs per token: 6 per weight of every matmul (forward 2, backward 4; the
         embedding is a lookup, not a matmul) plus attention's scores and weighted sum,
         12 * n_layer * n_head * head_dim * seq_len (causal masking is not subtracted).
         """
-        matmul_params = self.num_params() - self.transformer.wte.weight.numel()
+        matmul_params = self.num_scaling_params()
         c = self.config
         attention = 12 * c.n_layer * c.n_head * self.head_dim * c.sequence_len
         return 6 * matmul_params + attention
@@ -191,9 +196,10 @@ class GPT(nn.Module):
         """
         Muon for the 2-D matrices inside the blocks; AdamW for the embedding and the lm_head. lrs: each
         group's peak LR ({'matrix', 'embedding', 'lm_head'}), as nanochat.schedule.peak_lrs decides them
-        (its defaults for this width when None). weight_decay: AdamW's; muon_weight_decay and muon_options
-        (orthogonalize, beta2, cautious): Muon's. ns_dtype: the dtype of Muon's orthogonalisation matmuls
-        (None: bf16 on GPU, fp32 elsewhere). Returns [adamw, muon], their peaks recorded for a Schedule.
+        (its defaults for this width when None). weight_decay and adam_betas: AdamW's, one value for both
+        groups or a dict by group name ({'embedding': ..., 'lm_head': ...}); muon_weight_decay and
+        muon_options (orthogonalize, beta2, cautious): Muon's. ns_dtype: the dtype of Muon's orthogonalisation
+        matmuls (None: bf16 on GPU, fp32 elsewhere). Returns [adamw, muon], their peaks recorded for a Schedule.
         """
         from nanochat.optim import AdamW, Muon  # optim knows nothing of the model; import at use
         from nanochat.schedule import peak_lrs, record_peaks
@@ -202,10 +208,12 @@ class GPT(nn.Module):
         embedding_params = list(self.transformer.wte.parameters())
         lm_head_params = list(self.lm_head.parameters())
         assert len(matrix_params) + len(embedding_params) + len(lm_head_params) == len(list(self.parameters()))
-        adamw = AdamW([
-            {"params": lm_head_params, "lr": lrs["lm_head"], "name": "lm_head"},
-            {"params": embedding_params, "lr": lrs["embedding"], "name": "embedding"},
-        ], betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
+
+        def group(name, params):
+            decay = weight_decay[name] if isinstance(weight_decay, dict) else weight_decay
+            betas = adam_betas[name] if isinstance(adam_betas, dict) else adam_betas
+            return {"params": params, "lr": lrs[name], "name": name, "betas": tuple(betas), "weight_decay": decay}
+        adamw = AdamW([group("lm_head", lm_head_params), group("embedding", embedding_params)], eps=1e-10)
         muon = Muon(matrix_params, lr=lrs["matrix"], momentum=0.95, ns_dtype=ns_dtype, weight_decay=muon_weight_decay,
                     **muon_options)
         return record_peaks([adamw, muon])

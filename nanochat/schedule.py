@@ -6,7 +6,8 @@ training stage, in one place:
   1/sqrt(width / 768) for the AdamW groups (embedding, lm_head), times the stage's share of them
   (post-training stages start from a fraction of the base run's LRs; a batch picked by the batch
   rule scales them by sqrt(batch / 2^19));
-- the batch rule (base_train --total-batch-size -1): the batch from the model size;
+- the batch rule (base_train --total-batch-size -1): the batch from the model size, and Muon's
+  weight decay scaled from its depth-12 value;
 - the LR over time: linear warmup over `warmup_steps`, flat, then a linear warmdown over the last
   `warmdown_ratio` of the run to `final_lr_frac` of the peak;
 - weight decay over time: the peak value, constant or decayed to 0 by a cosine over the run;
@@ -39,6 +40,14 @@ def auto_batch_size(tokens, reference_tokens, unit):
 def batch_lr_scale(batch):
     """The LR factor of a batch picked by the rule: sqrt(batch / REFERENCE_BATCH)."""
     return math.sqrt(batch / REFERENCE_BATCH)
+
+
+def batch_weight_decay_scale(batch, tokens, reference_tokens):
+    """Muon's weight decay factor for a run of `tokens` tokens at `batch` (the batch rule's) against depth 12 at
+    REFERENCE_BATCH, where its value was tuned. The AdamW-style decay keeps the time scale B / (lr * decay * D)
+    fixed across scales (Wang & Aitchison, arXiv 2405.13698; nanochat's 2026 rule); with lr ~ sqrt(B) that is
+    decay ~ sqrt(B / REFERENCE_BATCH) * reference_tokens / tokens."""
+    return math.sqrt(batch / REFERENCE_BATCH) * reference_tokens / tokens
 
 
 def peak_lrs(n_embd, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, share=1.0):

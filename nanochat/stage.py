@@ -94,8 +94,11 @@ def load_stage_model(args, stage, device):
 
 def optimizer_recipe(lrs, orthogonalize="newton_schulz", normuon_beta2=None, adam_betas=(0.8, 0.95)):
     """What a checkpoint records of how it was trained, for the stages after it: the peak LRs (after width and batch
-    scaling) and the optimizers' settings."""
-    return {"lrs": dict(lrs), "orthogonalize": orthogonalize, "normuon_beta2": normuon_beta2, "adam_betas": list(adam_betas)}
+    scaling) and the optimizers' settings. adam_betas: one pair, or a pair per AdamW group ({'embedding', 'lm_head'})."""
+    if not isinstance(adam_betas, dict):
+        adam_betas = {"embedding": adam_betas, "lm_head": adam_betas}
+    return {"lrs": dict(lrs), "orthogonalize": orthogonalize, "normuon_beta2": normuon_beta2,
+            "adam_betas": {name: list(betas) for name, betas in adam_betas.items()}}
 
 
 def stage_optimizers(model, args, dtype, meta):
@@ -108,9 +111,10 @@ def stage_optimizers(model, args, dtype, meta):
     recipe = meta.get("recipe") or optimizer_recipe(peak_lrs(model.config.n_embd))
     given = {"matrix": args.matrix_lr, "embedding": args.embedding_lr, "lm_head": args.unembedding_lr}
     flagged = peak_lrs(model.config.n_embd, *(v or 0.0 for v in given.values()))
-    recipe = dict(recipe, lrs={k: flagged[k] if v is not None else recipe["lrs"][k] for k, v in given.items()})
+    recipe = dict(recipe, lrs={k: flagged[k] if v is not None else recipe["lrs"][k] for k, v in given.items()},
+                  adam_betas=optimizer_recipe({}, adam_betas=recipe["adam_betas"])["adam_betas"])  # one pair: older
     optimizers = model.setup_optimizers({k: v * args.init_lr_frac for k, v in recipe["lrs"].items()},
-                                        adam_betas=tuple(recipe["adam_betas"]), ns_dtype=dtype,
+                                        adam_betas=recipe["adam_betas"], ns_dtype=dtype,
                                         orthogonalize=recipe["orthogonalize"], beta2=recipe["normuon_beta2"])
     return optimizers, recipe
 

@@ -34,7 +34,8 @@ from nanochat.dataset import REMOTE_SHARD_CHARS, list_shards, shard_chars, shard
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.schedule import REFERENCE_DEPTH, Momentum, Schedule, auto_batch_size, batch_lr_scale, peak_lrs
+from nanochat.schedule import (REFERENCE_DEPTH, Momentum, Schedule, auto_batch_size, batch_lr_scale,
+                               batch_weight_decay_scale, peak_lrs)
 from nanochat.stage import (LoopState, StageLog, StopRequest, add_loop_args, add_lr_args, due, init_stage,
                             optimizer_recipe, resume_run, save_stage)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -66,7 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=2048, help="context length")
     # horizon: the first of these that is set wins
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from the ratio below)")
-    p.add_argument("--target-param-data-ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla = 20)")
+    # 10.5: nanochat's compute-optimal ratio from its 2026 scaling-law sweeps (d10-d20 at 1e18-1e19 FLOPs, dev/LOG.md
+    # 2026-01-27), counting the parameters as here; Chinchilla's 20 counts every parameter
+    p.add_argument("--target-param-data-ratio", type=float, default=10.5,
+                   help="training tokens per scaling parameter (block matrices + lm_head, not the embedding)")
     # batch
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per device")
     p.add_argument("--total-batch-size", type=int, default=-1,
@@ -75,8 +79,15 @@ def parse_args(argv=None):
                         "then scale by sqrt(batch / 2^19))")
     # optimization
     add_lr_args(p)
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (embedding, lm_head)")
-    p.add_argument("--muon-weight-decay", type=float, default=0.0, help="Muon's decoupled weight decay (block matrices)")
+    for group in ("embedding", "unembedding"):  # AdamW's groups each have their own betas and decay
+        p.add_argument(f"--{group}-betas", type=float, nargs=2, default=[0.8, 0.95], metavar=("BETA1", "BETA2"),
+                       help=f"AdamW betas of the {group.replace('unembedding', 'lm_head')}")
+        p.add_argument(f"--{group}-weight-decay", type=float, default=None,
+                       help=f"AdamW weight decay of the {group.replace('unembedding', 'lm_head')} (None: --weight-decay)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of both groups")
+    p.add_argument("--muon-weight-decay", type=float, default=0.0,
+                   help="Muon's decoupled weight decay (block matrices); with the batch rule, the value at depth 12, "
+                        "scaled to this run (nanochat/schedule.py batch_weight_decay_scale)")
     p.add_argument("--no-cautious", dest="cautious", action="store_false",
                    help="Muon's weight decay everywhere, not only where the update shares the weight's sign")
     p.add_argument("--weight-decay-schedule", default="constant", choices=["constant", "cosine"],
@@ -112,8 +123,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    positive = ["depth", "head_dim", "aspect_ratio", "max_seq_len", "device_batch_size"]
-    for name in positive:
+    for name in ("depth", "head_dim", "aspect_ratio", "max_seq_len", "device_batch_size"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.total_batch_size <= 0 and args.total_batch_size != -1:
@@ -130,8 +140,7 @@ def estimate_memory(model, args, world_size, dtype):
     """Rough bytes per device: fp32 weights + grads, optimizer state (sharded), saved activations."""
     c = model.config
     n_params = model.num_params()
-    weights = 4 * n_params
-    grads = 4 * n_params
+    weights = grads = 4 * n_params
     adam_params = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
     optimizer = (8 * adam_params + 4 * (n_params - adam_params)) / world_size  # Adam m, v; Muon momentum
     act_bytes = 2 if dtype == torch.bfloat16 else 4
@@ -187,33 +196,41 @@ def main(argv=None):
                               aspect_ratio=args.aspect_ratio)
     with torch.device("meta"):
         model = GPT(config)  # sizes and FLOPs are known here, before any memory is spent
-    n_params = model.num_params()
+    n_params, n_scaling = model.num_params(), model.num_scaling_params()
     flops_per_token = model.estimate_flops()
 
     # ---------------------------------------------------------------------------------------------
     # horizon and batch arithmetic
     tokens_per_micro = args.device_batch_size * args.max_seq_len
-    world_tokens_per_micro = tokens_per_micro * world_size
-    lr_share = 1.0
+    # a dry run plans for the devices it assumes (--assume-device h100: 8 of them, unless --assume-world-size)
+    gpu_plan = args.dry_run and args.assume_device and args.assume_device.lower() != "cpu"
+    plan_world = (args.assume_world_size or (8 if gpu_plan else world_size)) if args.dry_run else world_size
+    world_tokens_per_micro = tokens_per_micro * plan_world
+    lr_share, muon_weight_decay, reference = 1.0, args.muon_weight_decay, None
     if args.total_batch_size == -1:  # the batch rule: from this model's training tokens against depth 12's
         with torch.device("meta"):
             reference = GPT(config_for_depth(REFERENCE_DEPTH, vocab_size, args.max_seq_len, head_dim=args.head_dim,
-                                             aspect_ratio=args.aspect_ratio)).num_params()
+                                             aspect_ratio=args.aspect_ratio)).num_scaling_params()
         ratio = args.target_param_data_ratio
-        args.total_batch_size = auto_batch_size(ratio * n_params, ratio * reference, world_tokens_per_micro)
+        args.total_batch_size = auto_batch_size(ratio * n_scaling, ratio * reference, world_tokens_per_micro)
         lr_share = batch_lr_scale(args.total_batch_size)
-        print0(f"batch from the model size: {args.total_batch_size:,} tokens ({n_params / reference:.2f}x the depth-"
-               f"{REFERENCE_DEPTH} parameters); LRs x {lr_share:.3f} (sqrt of batch / 2^19)")
+        print0(f"batch from the model size: {args.total_batch_size:,} tokens ({n_scaling / reference:.2f}x the depth-"
+               f"{REFERENCE_DEPTH} scaling parameters); LRs x {lr_share:.3f} (sqrt of batch / 2^19)")
     if args.total_batch_size % world_tokens_per_micro != 0:
         raise SystemExit(f"error: --total-batch-size {args.total_batch_size} is not a multiple of device_batch_size "
-                         f"* max_seq_len * world_size = {args.device_batch_size} * {args.max_seq_len} * {world_size} "
+                         f"* max_seq_len * world_size = {args.device_batch_size} * {args.max_seq_len} * {plan_world} "
                          f"= {world_tokens_per_micro}; pick e.g. {max(1, round(args.total_batch_size / world_tokens_per_micro)) * world_tokens_per_micro}")
     grad_accum = args.total_batch_size // world_tokens_per_micro
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
     else:
-        num_iterations = max(1, round(args.target_param_data_ratio * n_params / args.total_batch_size))
+        num_iterations = max(1, round(args.target_param_data_ratio * n_scaling / args.total_batch_size))
     total_tokens = num_iterations * args.total_batch_size
+    if reference is not None and muon_weight_decay:
+        muon_weight_decay *= batch_weight_decay_scale(args.total_batch_size, total_tokens,
+                                                      args.target_param_data_ratio * reference)
+        print0(f"Muon weight decay from the depth-{REFERENCE_DEPTH} value: {args.muon_weight_decay:g} -> "
+               f"{muon_weight_decay:.4g} (constant B / (lr * decay * tokens))")
     try:
         start, peak, ramp = args.momentum
         schedule = Schedule(num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac,
@@ -221,14 +238,16 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     lrs = peak_lrs(config.n_embd, args.matrix_lr, args.embedding_lr, args.unembedding_lr, share=lr_share)
-    recipe = optimizer_recipe(lrs, args.orthogonalize, args.normuon_beta2 or None)  # what the later stages inherit
+    adam_betas = {"embedding": args.embedding_betas, "lm_head": args.unembedding_betas}
+    recipe = optimizer_recipe(lrs, args.orthogonalize, args.normuon_beta2 or None, adam_betas)  # the later stages inherit it
     print0(f"peak LRs: " + ", ".join(f"{name} {lr:.5g}" for name, lr in lrs.items())
            + f"; warmup {args.warmup_steps} steps, warmdown {schedule.warmdown_steps} steps to {args.final_lr_frac:g}")
     print0(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head} (kv {config.n_kv_head}), "
            f"vocab {vocab_size:,} (padded {model.padded_vocab_size:,}), context {config.sequence_len}")
-    print0(f"parameters: {n_params:,} | FLOPs per token: {flops_per_token:.3e}")
+    print0(f"parameters: {n_params:,} ({n_scaling:,} block matrices + lm_head) | FLOPs per token: {flops_per_token:.3e}")
     print0(f"steps: {num_iterations:,} x {args.total_batch_size:,} tokens = {total_tokens:,} tokens "
-           f"({total_tokens / n_params:.1f} tokens/param); grad accumulation {grad_accum} x world size {world_size}")
+           f"({total_tokens / n_scaling:.1f} tokens per scaling parameter); grad accumulation {grad_accum} x world size "
+           f"{plan_world}")
 
     if device_type == "cuda" and gpu_peak_flops(torch.cuda.get_device_name(device)) and dtype == torch.bfloat16:
         peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device))
@@ -239,20 +258,19 @@ def main(argv=None):
     print0(f"peak per device: {peak_flops / 1e12:.2f} TFLOP/s ({peak_source})")
 
     if args.dry_run:
-        memory = estimate_memory(model, args, world_size, dtype)
+        memory = estimate_memory(model, args, plan_world, dtype)
         print0("estimated memory per device: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items())
                + f" | total {sum(memory.values()) / 2**30:.2f} GiB (activations as saved by eager mode: "
                f"an upper bound, torch.compile keeps fewer; lower --device-batch-size if it does not fit)")
         assumed = args.assume_device
-        if assumed and assumed.lower() != "cpu":
+        if gpu_plan:
             assumed_peak = gpu_peak_flops(assumed)
             if assumed_peak is None:
                 raise SystemExit(f"error: unknown --assume-device {assumed!r}; known: cpu, {', '.join(sorted(GPU_BF16_PEAK))}")
-            assumed_world = args.assume_world_size or 8
         else:
-            assumed, assumed_peak, assumed_world = (assumed or device_type), peak_flops, args.assume_world_size or world_size
-        seconds = flops_per_token * total_tokens / (assumed_peak * assumed_world * args.assume_mfu)
-        print0(f"estimated wall time on {assumed_world} x {assumed} at {args.assume_mfu:.0%} MFU: "
+            assumed, assumed_peak = (assumed or device_type), peak_flops
+        seconds = flops_per_token * total_tokens / (assumed_peak * plan_world * args.assume_mfu)
+        print0(f"estimated wall time on {plan_world} x {assumed} at {args.assume_mfu:.0%} MFU: "
                f"{seconds / 3600:.2f} h ({flops_per_token * total_tokens:.3e} FLOPs)")
         print0(plan_shards(total_tokens, tokenizer))
         print0("dry run: nothing trained, nothing written")
@@ -265,7 +283,10 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------------------------------
     # optimizers, data, and the state a resume restores
-    optimizers = model.setup_optimizers(lrs, weight_decay=args.weight_decay, muon_weight_decay=args.muon_weight_decay,
+    adam_decay = {"embedding": args.embedding_weight_decay, "lm_head": args.unembedding_weight_decay}
+    optimizers = model.setup_optimizers(lrs, weight_decay={k: args.weight_decay if v is None else v
+                                                           for k, v in adam_decay.items()},
+                                        adam_betas=adam_betas, muon_weight_decay=muon_weight_decay,
                                         ns_dtype=dtype,  # bf16 runs orthogonalise in bf16 too
                                         orthogonalize=args.orthogonalize, beta2=args.normuon_beta2 or None,
                                         cautious=args.cautious)
@@ -360,7 +381,7 @@ def main(argv=None):
     if state.step == num_iterations and master:
         get_report().log("Base model training", [vars(args), {
             "parameters": n_params, "FLOPs per token": f"{flops_per_token:.3e}", "steps": num_iterations,
-            "tokens": total_tokens, "tokens per parameter": total_tokens / n_params,
+            "tokens": total_tokens, "tokens per scaling parameter": total_tokens / n_scaling,
             "dtype": str(dtype).removeprefix("torch."), "world size": world_size,
             "final val bpb": state.val_bpb, "min val bpb": state.min_val_bpb,
             "training time (min)": state.train_time / 60,

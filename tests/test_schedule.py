@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.schedule import REFERENCE_WIDTH, Momentum, Schedule, auto_batch_size, batch_lr_scale, peak_lrs
+from nanochat.schedule import (REFERENCE_BATCH, REFERENCE_WIDTH, Momentum, Schedule, auto_batch_size, batch_lr_scale,
+                               batch_weight_decay_scale, peak_lrs)
 
 
 def test_lr_multiplier_at_its_boundaries():
@@ -97,3 +98,46 @@ def test_the_batch_rule():
     assert auto_batch_size(d12 / 1e6, d12, 6 * 2048) == 6 * 2048  # never below one micro-batch on every rank
     assert auto_batch_size(d12, d12, 3 * 2**17) % (3 * 2**17) == 0  # a world size of 3 still divides it
     assert batch_lr_scale(2**19) == 1.0 and batch_lr_scale(2**21) == pytest.approx(2.0)
+
+
+def test_the_weight_decay_rule_keeps_the_time_scale():
+    """Muon's decay under the batch rule keeps B / (lr * decay * D) at depth 12's value (arXiv 2405.13698's time
+    scale), with the LR scaled as the rule scales it; at the reference it is the flag's value."""
+    d12 = 110e6 * 10.5
+    assert batch_weight_decay_scale(REFERENCE_BATCH, d12, d12) == 1.0
+    reference = REFERENCE_BATCH / (0.02 * 0.2 * d12)
+    for factor in (0.3, 4, 50):
+        tokens = d12 * factor
+        batch = auto_batch_size(tokens, d12, 2048)
+        lr, decay = 0.02 * batch_lr_scale(batch), 0.2 * batch_weight_decay_scale(batch, tokens, d12)
+        assert batch / (lr * decay * tokens) == pytest.approx(reference)
+    assert batch_weight_decay_scale(2**20, 4 * d12, d12) < 1  # more data: less decay per step
+
+
+def test_adamw_groups_have_their_own_betas_and_decay():
+    """setup_optimizers with a pair per group: each group steps as torch's AdamW with its own betas and decay."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=128))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    assert model.num_scaling_params() == model.num_params() - 64 * 128  # blocks + lm_head, not the embedding
+    betas = {"embedding": (0.7, 0.99), "lm_head": (0.9, 0.9)}
+    decay = {"embedding": 0.0, "lm_head": 0.3}
+    lrs = {"matrix": 0.0, "embedding": 0.05, "lm_head": 0.02}
+    adamw, _ = model.setup_optimizers(lrs, weight_decay=decay, adam_betas=betas)
+    groups = {g["name"]: g for g in adamw.param_groups}
+    refs = {name: [torch.nn.Parameter(p.detach().clone()) for p in groups[name]["params"]] for name in groups}
+    torch_opts = {name: torch.optim.AdamW(refs[name], lr=lrs[name], betas=betas[name], eps=1e-10,
+                                          weight_decay=decay[name]) for name in groups}
+    for step in range(6):
+        for name in groups:
+            for p, r in zip(groups[name]["params"], refs[name]):
+                grad = torch.randn_like(p) * (1 + step)
+                p.grad, r.grad = grad, grad.clone()
+            torch_opts[name].step()
+        adamw.step()
+    for name in groups:
+        for p, r in zip(groups[name]["params"], refs[name]):
+            torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)

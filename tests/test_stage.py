@@ -133,13 +133,15 @@ def test_post_training_inherits_the_input_recipe():
     from nanochat.stage import optimizer_recipe, stage_optimizers
     model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=192))
     model.init_weights()
-    base = optimizer_recipe({"matrix": 0.03, "embedding": 0.5, "lm_head": 0.01}, "polar_express", 0.9, (0.7, 0.9))
+    base = optimizer_recipe({"matrix": 0.03, "embedding": 0.5, "lm_head": 0.01}, "polar_express", 0.9,
+                            {"embedding": (0.7, 0.9), "lm_head": (0.8, 0.96)})
     args = argparse.Namespace(matrix_lr=None, embedding_lr=None, unembedding_lr=None, init_lr_frac=0.1)
     (adamw, muon), recipe = stage_optimizers(model, args, torch.float32, {"recipe": base})
     assert recipe == base
     groups = {g["name"]: g for g in adamw.param_groups}
     assert groups["embedding"]["initial_lr"] == pytest.approx(0.05) and groups["lm_head"]["initial_lr"] == pytest.approx(0.001)
-    assert groups["embedding"]["betas"] == (0.7, 0.9) and muon.param_groups[0]["initial_lr"] == pytest.approx(0.003)
+    assert groups["embedding"]["betas"] == (0.7, 0.9) and groups["lm_head"]["betas"] == (0.8, 0.96)
+    assert muon.param_groups[0]["initial_lr"] == pytest.approx(0.003)
     assert muon.orthogonalize is polar_express and muon.param_groups[0]["beta2"] == 0.9
     assert all(g["weight_decay"] == 0 for opt in (adamw, muon) for g in opt.param_groups)
     # a given flag replaces its group only, scaled by width like base_train's
@@ -151,3 +153,8 @@ def test_post_training_inherits_the_input_recipe():
     args.matrix_lr = args.unembedding_lr = None
     _, recipe = stage_optimizers(model, args, torch.float32, {})
     assert recipe == optimizer_recipe(peak_lrs(192))
+    # a recipe from before AdamW's groups had their own betas (one pair): both groups take it
+    legacy = dict(base, adam_betas=[0.6, 0.9])
+    (adamw, _), recipe = stage_optimizers(model, args, torch.float32, {"recipe": legacy})
+    assert all(g["betas"] == (0.6, 0.9) for g in adamw.param_groups)
+    assert recipe["adam_betas"] == {"embedding": [0.6, 0.9], "lm_head": [0.6, 0.9]}

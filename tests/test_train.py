@@ -348,7 +348,7 @@ def test_base_train_sigterm_saves_exits_143_and_resumes_exactly(env_base):
 
 
 def test_base_train_dry_run_and_flag_errors(env_base):
-    out = run_train(env_base, "--depth", "20", "--dry-run", "--assume-device", "h100").stdout
+    out = run_train(env_base, "--depth", "20", "--dry-run", "--assume-device", "h100", "--muon-weight-decay", "0.2").stdout
     for needle in ("parameters:", "FLOPs per token", "grad accumulation", "estimated memory per device",
                    "estimated wall time on 8 x h100", "nothing trained"):
         assert needle in out, out
@@ -357,6 +357,17 @@ def test_base_train_dry_run_and_flag_errors(env_base):
     # the batch rule picks 2^20 for d20 (3.5x depth 12's parameters: 2^19 * 3.5^0.383 ~ 2^19.7) and scales the LRs
     assert "batch from the model size: 1,048,576 tokens" in out and "LRs x 1.414" in out, out
     assert "peak LRs: matrix 0.028284" in out, out
+    # the horizon: 10.5 tokens per scaling parameter (block matrices + lm_head), planned for 8 ranks
+    scaling = int(out.split("parameters: ")[1].split("(")[1].split(" ")[0].replace(",", ""))
+    tokens = int(out.split(" tokens = ")[1].split(" ")[0].replace(",", ""))
+    assert tokens == pytest.approx(10.5 * scaling, rel=1e-3) and "grad accumulation 2 x world size 8" in out, out
+    # Muon's decay from its depth-12 value, keeping B / (lr * decay * tokens) fixed
+    from nanochat.gpt import GPT, config_for_depth
+    vocab = int(out.split(" vocab ")[1].split(" ")[0].replace(",", ""))
+    with torch.device("meta"):
+        d12 = GPT(config_for_depth(12, vocab, 2048)).num_scaling_params()
+    expected = 0.2 * math.sqrt(2) * 10.5 * d12 / tokens
+    assert f"0.2 -> {expected:.4g}" in out, out
     assert not os.path.exists(os.path.join(env_base, "base_checkpoints", "d20"))
 
     bad = run_train(env_base, *TINY, "--total-batch-size", "500", check=False)
