@@ -140,3 +140,51 @@ def record_peaks(optimizers):
         for group in opt.param_groups:
             group["initial_lr"], group["initial_weight_decay"] = group["lr"], group["weight_decay"]
     return optimizers
+
+
+# -------------------------------------------------------------------------------------------------
+# base_train's recipe flags: every default with its source. "2026": the values of nanochat's 2026 GPU-scale tuning
+# (d12-d26, 8xH100) and of the papers named; bench.recipe measures each piece at CPU scale (bench/README.md).
+
+
+def add_recipe_args(p):
+    """The pretraining recipe's flags (base_train): AdamW's groups, Muon, and the schedules over the run."""
+    for group in ("embedding", "unembedding"):  # AdamW's groups each have their own betas and decay
+        name = group.replace("unembedding", "lm_head")
+        p.add_argument(f"--{group}-betas", type=float, nargs=2, default=[0.8, 0.95], metavar=("BETA1", "BETA2"),
+                       help=f"AdamW betas of the {name}")
+        p.add_argument(f"--{group}-weight-decay", type=float, default=None,
+                       help=f"AdamW weight decay of the {name} (None: --weight-decay)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of both groups")
+    p.add_argument("--muon-weight-decay", type=float, default=0.2,  # 2026: 0.2 at d12 (arXiv 2510.12402's decay)
+                   help="Muon's decoupled weight decay (block matrices); with the batch rule, the value at depth 12, "
+                        "scaled to this run (batch_weight_decay_scale)")
+    p.add_argument("--no-cautious", dest="cautious", action="store_false",  # cautious: arXiv 2510.12402
+                   help="Muon's weight decay everywhere, not only where the update shares the weight's sign")
+    p.add_argument("--weight-decay-schedule", default="cosine", choices=["constant", "cosine"],  # 2026: cosine to 0
+                   help="weight decay over the run: constant, or a cosine to 0")
+    p.add_argument("--orthogonalize", default="polar_express", choices=["newton_schulz", "polar_express"],
+                   help="Muon's orthogonalisation (Polar Express: Amsel et al., arXiv 2505.16932)")
+    p.add_argument("--normuon-beta2", type=float, default=0.9,  # 2026: 0.9 (NorMuon, arXiv 2510.05491)
+                   help="NorMuon's per-neuron normalisation (0: off)")
+    p.add_argument("--momentum", type=float, nargs=3, default=[0.85, 0.97, 400], metavar=("START", "PEAK", "STEPS"),
+                   help="Muon's momentum: ramped from START to PEAK over STEPS steps (2026: 0.85 -> 0.97 over 400)")
+    p.add_argument("--momentum-warmdown", type=float, default=0.90,  # 2026: 0.90
+                   help="Muon's momentum moves linearly to this value during the LR warmdown (None: stays at PEAK)")
+    p.add_argument("--warmup-steps", type=int, default=40,  # 2026: ~40 steps
+                   help="steps of linear LR warmup (fewer when the run is too short for it and the warmdown)")
+    p.add_argument("--warmdown-ratio", type=float, default=0.65, help="share of steps of linear LR warmdown (2026: 0.65)")
+    p.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end, as a share of the peak (2026: 5%%)")
+
+
+def base_schedule(args, num_iterations):
+    """The Schedule of add_recipe_args' flags for a run of num_iterations steps: the warmup shortened to what the
+    warmdown leaves of a short run (a few-step test run keeps the default flags); a bad value is a one-line error."""
+    warmdown = round(args.warmdown_ratio * num_iterations)
+    warmup = max(0, min(args.warmup_steps, num_iterations - warmdown))
+    start, peak, ramp = args.momentum
+    try:
+        return Schedule(num_iterations, warmup, args.warmdown_ratio, args.final_lr_frac, args.weight_decay_schedule,
+                        Momentum(start, peak, int(ramp), args.momentum_warmdown))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")

@@ -34,7 +34,7 @@ from nanochat.dataset import REMOTE_SHARD_CHARS, list_shards, shard_chars, shard
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.schedule import (REFERENCE_DEPTH, Momentum, Schedule, auto_batch_size, batch_lr_scale,
+from nanochat.schedule import (REFERENCE_DEPTH, add_recipe_args, auto_batch_size, base_schedule, batch_lr_scale,
                                batch_weight_decay_scale, peak_lrs)
 from nanochat.stage import (LoopState, StageLog, StopRequest, add_loop_args, add_lr_args, due, init_stage,
                             optimizer_recipe, resume_run, save_stage)
@@ -79,29 +79,7 @@ def parse_args(argv=None):
                         "then scale by sqrt(batch / 2^19))")
     # optimization
     add_lr_args(p)
-    for group in ("embedding", "unembedding"):  # AdamW's groups each have their own betas and decay
-        p.add_argument(f"--{group}-betas", type=float, nargs=2, default=[0.8, 0.95], metavar=("BETA1", "BETA2"),
-                       help=f"AdamW betas of the {group.replace('unembedding', 'lm_head')}")
-        p.add_argument(f"--{group}-weight-decay", type=float, default=None,
-                       help=f"AdamW weight decay of the {group.replace('unembedding', 'lm_head')} (None: --weight-decay)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of both groups")
-    p.add_argument("--muon-weight-decay", type=float, default=0.0,
-                   help="Muon's decoupled weight decay (block matrices); with the batch rule, the value at depth 12, "
-                        "scaled to this run (nanochat/schedule.py batch_weight_decay_scale)")
-    p.add_argument("--no-cautious", dest="cautious", action="store_false",
-                   help="Muon's weight decay everywhere, not only where the update shares the weight's sign")
-    p.add_argument("--weight-decay-schedule", default="constant", choices=["constant", "cosine"],
-                   help="weight decay over the run: constant, or a cosine to 0")
-    p.add_argument("--orthogonalize", default="newton_schulz", choices=["newton_schulz", "polar_express"],
-                   help="Muon's orthogonalisation")
-    p.add_argument("--normuon-beta2", type=float, default=0.0, help="NorMuon's per-neuron normalisation (0: off)")
-    p.add_argument("--momentum", type=float, nargs=3, default=[0.85, 0.95, 300], metavar=("START", "PEAK", "STEPS"),
-                   help="Muon's momentum: ramped from START to PEAK over STEPS steps")
-    p.add_argument("--momentum-warmdown", type=float, default=None,
-                   help="Muon's momentum moves linearly to this value during the LR warmdown (None: it stays at PEAK)")
-    p.add_argument("--warmup-steps", type=int, default=0, help="steps of linear LR warmup")
-    p.add_argument("--warmdown-ratio", type=float, default=0.2, help="share of steps of linear LR warmdown")
-    p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a share of the peak")
+    add_recipe_args(p)
     # evaluation, sampling, checkpoints
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end; -1: end only)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288,
@@ -231,17 +209,12 @@ def main(argv=None):
                                                       args.target_param_data_ratio * reference)
         print0(f"Muon weight decay from the depth-{REFERENCE_DEPTH} value: {args.muon_weight_decay:g} -> "
                f"{muon_weight_decay:.4g} (constant B / (lr * decay * tokens))")
-    try:
-        start, peak, ramp = args.momentum
-        schedule = Schedule(num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac,
-                            args.weight_decay_schedule, Momentum(start, peak, int(ramp), args.momentum_warmdown))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    schedule = base_schedule(args, num_iterations)
     lrs = peak_lrs(config.n_embd, args.matrix_lr, args.embedding_lr, args.unembedding_lr, share=lr_share)
     adam_betas = {"embedding": args.embedding_betas, "lm_head": args.unembedding_betas}
     recipe = optimizer_recipe(lrs, args.orthogonalize, args.normuon_beta2 or None, adam_betas)  # the later stages inherit it
-    print0(f"peak LRs: " + ", ".join(f"{name} {lr:.5g}" for name, lr in lrs.items())
-           + f"; warmup {args.warmup_steps} steps, warmdown {schedule.warmdown_steps} steps to {args.final_lr_frac:g}")
+    print0("peak LRs: " + ", ".join(f"{name} {lr:.5g}" for name, lr in lrs.items())
+           + f"; warmup {schedule.warmup_steps} steps, warmdown {schedule.warmdown_steps} steps to {args.final_lr_frac:g}")
     print0(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head} (kv {config.n_kv_head}), "
            f"vocab {vocab_size:,} (padded {model.padded_vocab_size:,}), context {config.sequence_len}")
     print0(f"parameters: {n_params:,} ({n_scaling:,} block matrices + lm_head) | FLOPs per token: {flops_per_token:.3e}")

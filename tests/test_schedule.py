@@ -141,3 +141,21 @@ def test_adamw_groups_have_their_own_betas_and_decay():
     for name in groups:
         for p, r in zip(groups[name]["params"], refs[name]):
             torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+
+
+def test_base_schedule_from_the_recipe_flags():
+    """base_train's recipe defaults (the 2026 values), and a short run's warmup shortened to what the warmdown leaves."""
+    import argparse
+    from nanochat.schedule import add_recipe_args, base_schedule
+    p = argparse.ArgumentParser()
+    add_recipe_args(p)
+    args = p.parse_args([])
+    long = base_schedule(args, 1000)
+    assert (long.warmup_steps, long.warmdown_steps, long.final_lr_frac) == (40, 650, 0.05)
+    assert long.momentum == Momentum(0.85, 0.97, 400, 0.90) and long.weight_decay_shape == "cosine"
+    assert (args.orthogonalize, args.normuon_beta2, args.muon_weight_decay, args.cautious) == ("polar_express", 0.9, 0.2, True)
+    short = base_schedule(args, 12)
+    assert (short.warmup_steps, short.warmdown_steps) == (4, 8) and short.lr_multiplier(3) == 1.0
+    assert base_schedule(p.parse_args(["--warmup-steps", "0"]), 12).lr_multiplier(0) == 1.0
+    with pytest.raises(SystemExit, match="final_lr_frac"):
+        base_schedule(p.parse_args(["--final-lr-frac", "2"]), 100)
