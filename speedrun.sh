@@ -61,22 +61,26 @@ RUN="${WANDB_RUN:-}"
 echo "== profile: $PROFILE ($GPUS GPUs, $NPROC processes per node), artifacts in $NANOCHAT_BASE_DIR"
 
 if [ "$PROFILE" = full ]; then
-    DEPTH=20; SEQ=2048; VOCAB=32768; TOK_CHARS=2000000000; DEVICE_BATCH="${NANOCHAT_DEVICE_BATCH:-32}"; TOTAL_BATCH=524288
-    BASE_FLAGS=(--target-param-data-ratio 20 --compile)
+    # the batch, LRs and horizon from the model size (base_train's 2026 rules: -1 = 2^20 tokens at d20, 10.5 tokens
+    # per scaling parameter); `python -m scripts.base_train --depth 20 --dry-run --assume-device h100` prints them
+    DEPTH=20; SEQ=2048; VOCAB=32768; TOK_CHARS=2000000000; DEVICE_BATCH="${NANOCHAT_DEVICE_BATCH:-32}"; TOTAL_BATCH=-1
+    MID_BATCH=524288  # midtraining's own batch (as before the batch rule)
+    BASE_FLAGS=(--compile)
     EVAL_TOKENS=$((20 * 524288)); CORE_MAX_PER_TASK=-1
     BASE_FORMAT_FLAGS=(--max-problems 200)
     MID_FLAGS=(); CHAT_EVAL_FLAGS=()
-    SFT_FLAGS=(--device-batch-size 4); RL_FLAGS=(--device-batch-size 8); RL_EVAL_FLAGS=(--num-samples 1)
+    # SFT: 16 packed rows of 2,049 tokens a step (~32k tokens, the work of the 32 padded conversations it took before)
+    SFT_FLAGS=(--device-batch-size 2 --rows-per-step 16); RL_FLAGS=(--device-batch-size 8); RL_EVAL_FLAGS=(--num-samples 1)
     RL="${NANOCHAT_RL:-0}"   # RL adds ~1.5 h on 8xH100 for a few points of GSM8K: opt in with NANOCHAT_RL=1
 elif [ "$PROFILE" = tiny ]; then
     # sized for ~20 minutes on 2 CPU cores (bench/README.md has the measured times per stage). Rows of 512
-    # tokens: most GSM8K solutions fit whole, so SFT sees their final '#### answer' line.
+    # tokens: nearly every SFT conversation fits whole (the few longer ones are dropped, never cut).
     DEPTH=4; SEQ=512; VOCAB=4096; TOK_CHARS=20000000; DEVICE_BATCH="${NANOCHAT_DEVICE_BATCH:-8}"; TOTAL_BATCH=4096
     BASE_FLAGS=(--num-iterations 200 --head-dim 64 --eval-every 50 --sample-every 200 --save-every 50)
     EVAL_TOKENS=$((16 * 4096)); CORE_MAX_PER_TASK=60
     BASE_FORMAT_FLAGS=(--max-problems 30 --max-new-tokens 256)
     MID_FLAGS=(--num-iterations 120 --eval-every 40); CHAT_EVAL_FLAGS=(--max-problems 50 --max-new-tokens 256)
-    SFT_FLAGS=(--device-batch-size 8 --examples-per-step 16 --num-iterations 150 --eval-every 50 --eval-steps 8
+    SFT_FLAGS=(--device-batch-size 8 --rows-per-step 8 --num-iterations 150 --eval-every 50 --eval-steps 8
                --eval-metrics-every -1 --eval-problems 20)
     RL_FLAGS=(--prompts-per-step 4 --num-samples 4 --max-new-tokens 192 --num-iterations 20 --eval-every -1
               --eval-problems 20 --eval-samples 2 --save-every 10)
@@ -88,7 +92,7 @@ elif [ "$PROFILE" = mini ]; then
     BASE_FLAGS=(--num-iterations 12 --head-dim 64 --eval-every 6 --sample-every 12 --save-every 6)
     EVAL_TOKENS=2048; CORE_MAX_PER_TASK=4; BASE_FORMAT_FLAGS=(--max-problems 2 --max-new-tokens 16)
     MID_FLAGS=(--num-iterations 4 --eval-every 2); CHAT_EVAL_FLAGS=(--max-problems 4 --max-new-tokens 24)
-    SFT_FLAGS=(--device-batch-size 4 --examples-per-step 8 --num-iterations 4 --eval-every 2 --eval-steps 2
+    SFT_FLAGS=(--device-batch-size 4 --rows-per-step 8 --num-iterations 4 --eval-every 2 --eval-steps 2
                --eval-metrics-every -1 --eval-problems 2 --max-new-tokens 16)
     RL_FLAGS=(--prompts-per-step 2 --num-samples 2 --max-new-tokens 16 --num-iterations 2 --eval-every -1
               --eval-problems 2 --eval-samples 2 --save-every -1)
@@ -217,7 +221,7 @@ stage base-gsm8k launch scripts.chat_eval -i base --model-tag "$TAG" -a GSM8K "$
 # midtraining (chat format, tool use, multiple choice) and its chat evaluation
 RESUME=$(resume_flag "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG" mid-train)
 stage mid-train launch scripts.mid_train --model-tag "$TAG" --device-batch-size "$DEVICE_BATCH" \
-    --total-batch-size "$TOTAL_BATCH" --eval-tokens "$EVAL_TOKENS" ${RUN:+--run "$RUN-mid"} "${MID_FLAGS[@]}" $RESUME
+    --total-batch-size "${MID_BATCH:-$TOTAL_BATCH}" --eval-tokens "$EVAL_TOKENS" ${RUN:+--run "$RUN-mid"} "${MID_FLAGS[@]}" $RESUME
 stage mid-eval launch scripts.chat_eval -i mid --model-tag "$TAG" "${CHAT_EVAL_FLAGS[@]}"
 
 # ------------------------------------------------------------------------------------------------

@@ -12,6 +12,11 @@ rank, enough tokens for `chunk_rows` rows), each packed independently of the oth
 the dataset position just before the chunk began plus the number of rows already taken from it;
 resuming re-reads that chunk, re-packs it (deterministically), skips those rows and goes on, so a
 resumed run sees exactly the tokens the uninterrupted run would have seen.
+
+Conversations for SFT are packed differently, because a cropped conversation teaches a cut answer:
+pack_sft_rows places whole conversations best-fit into rows of T + 1 tokens and drops (and counts) the
+ones that cannot fit or have nothing to train; conversation_batch turns such rows into (x, y) with the
+loss mask applied and the row's end padded. The pretraining packer above crops; this one never does.
 """
 
 import bisect
@@ -68,25 +73,72 @@ def pack_conversations(docs, masks, row_len):
     return rows, row_masks, cropped
 
 
-def sft_batch(conversations, pad_id, max_len, device="cpu"):
+def best_fit_rows(lengths, capacity):
     """
-    One rendered conversation per row, for supervised fine-tuning: conversations are (ids, mask)
-    pairs; rows are cut to max_len + 1 tokens and right-padded to the longest. Returns (x, y,
-    truncated): x (B, L) inputs, y (B, L) next-token targets with -1 wherever the mask is 0 (user
-    turns, tool outputs, BOS) and on padding, and how many conversations were cut.
+    Online best-fit packing of items (in the given order) into rows of `capacity` tokens: each item goes
+    into the open row with the least free space that still holds it (the earliest such row on a tie),
+    else into a new row; every row stays open to the end. Returns the rows (lists of item indices, rows
+    in the order they were opened, items in the order they came). Every length must lie in [1, capacity].
     """
-    cut = [(ids[:max_len + 1], mask[:max_len + 1]) for ids, mask in conversations]
-    truncated = sum(len(ids) > max_len + 1 for ids, _ in conversations)
-    width = max(len(ids) for ids, _ in cut) - 1
-    x = torch.full((len(cut), width), pad_id, dtype=torch.long)
-    y = torch.full((len(cut), width), -1, dtype=torch.long)
-    for r, (ids, mask) in enumerate(cut):
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        targets = ids_t[1:].clone()
-        targets[torch.tensor(mask[1:], dtype=torch.bool).logical_not()] = -1
-        x[r, :len(ids) - 1] = ids_t[:-1]
-        y[r, :len(ids) - 1] = targets
-    return x.to(device), y.to(device), truncated
+    free = []  # (free space, row index) of the rows with space left, sorted: the best fit is a bisection away
+    rows = []
+    for i, n in enumerate(lengths):
+        if not 0 < n <= capacity:
+            raise ValueError(f"item {i} has length {n}, outside [1, {capacity}]")
+        k = bisect.bisect_left(free, (n, -1))  # the first row with room for n; on equal room the earliest
+        if k < len(free):
+            space, r = free.pop(k)
+        else:
+            space, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if space > n:
+            bisect.insort(free, (space - n, r))
+    return rows
+
+
+def pack_sft_rows(conversations, row_len):
+    """
+    Rendered conversations ((ids, mask) pairs, BOS first) packed whole, best-fit, into rows of at most
+    row_len tokens, in the order given (the caller's seeded shuffle). Nothing is ever cropped: a
+    conversation longer than a row is dropped, and so is one with nothing to train (mask 0 after its
+    first token), so every row holds at least one trained token. Returns (rows, dropped): rows as lists
+    of (ids, mask) pairs; dropped = {"too_long": n, "nothing_to_train": m}.
+    """
+    kept, dropped = [], {"too_long": 0, "nothing_to_train": 0}
+    for ids, mask in conversations:
+        if len(ids) != len(mask):
+            raise ValueError(f"a conversation of {len(ids)} tokens has a mask of {len(mask)}")
+        if len(ids) > row_len:
+            dropped["too_long"] += 1
+        elif not any(mask[1:]):
+            dropped["nothing_to_train"] += 1
+        else:
+            kept.append((ids, mask))
+    plan = best_fit_rows([len(ids) for ids, _ in kept], row_len)
+    return [[kept[i] for i in row] for row in plan], dropped
+
+
+def conversation_batch(rows, row_len, pad_id, device="cpu"):
+    """
+    Rows of whole conversations ((ids, mask) pairs, at most row_len tokens a row) as (x, y), both
+    (len(rows), row_len - 1): x = row[:-1], y = row[1:], the row right-padded to row_len with pad_id.
+    A target is -1 wherever its token's mask is 0 (user turns, tool outputs), at each conversation's
+    first token (its BOS: nothing predicts the next conversation from the previous one) and on the
+    padding. A row longer than row_len is an error, never cut.
+    """
+    width = row_len - 1
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids = [t for conv_ids, _ in row for t in conv_ids]
+        if len(ids) > row_len:
+            raise ValueError(f"row {r} holds {len(ids)} tokens, more than a row's {row_len}")
+        targets = [t if m and j > 0 else -1 for conv_ids, mask in row for j, (t, m) in enumerate(zip(conv_ids, mask))]
+        n = max(len(ids) - 1, 0)
+        x[r, :n] = torch.tensor(ids[:-1], dtype=torch.long)
+        y[r, :n] = torch.tensor(targets[1:], dtype=torch.long)
+    return x.to(device), y.to(device)
 
 
 class DataLoader:

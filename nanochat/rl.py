@@ -25,7 +25,7 @@ Simplified from GRPO (DeepSeekMath), on purpose:
 
 import torch
 
-from nanochat.dataloader import sft_batch
+from nanochat.dataloader import conversation_batch
 
 
 def group_advantages(rewards):
@@ -62,6 +62,7 @@ def pg_micro_batches(sequences, masks, advantages, pad_id, device_batch_size, de
     for start in range(0, len(rows), device_batch_size):
         chunk = rows[start:start + device_batch_size]
         longest = max(len(s) for s, _, _ in chunk)
-        x, y, _ = sft_batch([(s, m) for s, m, _ in chunk], pad_id, longest, device)  # same padding and masking
+        # one sequence per row (its first token is the prompt's, never a target), padded to the longest
+        x, y = conversation_batch([[(s, m)] for s, m, _ in chunk], longest, pad_id, device)
         batches.append((x, y, torch.tensor([a for _, _, a in chunk], dtype=torch.float32, device=device)))
     return batches

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import SOURCES, find_last_step, load_checkpoint, load_model, save_checkpoint
+from nanochat.checkpoint import (SOURCES, checkpoint_dir_for, find_last_step, load_checkpoint, load_model,
+                                load_rank_state, rank_file, save_checkpoint)
 from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype, print0
 from nanochat.schedule import peak_lrs
 
@@ -206,6 +207,56 @@ def resume_run(state_class, checkpoint_dir, model, optimizers, args, same_flags,
         opt.load_state_dict(s)
     print0(f"resumed from {checkpoint_dir} step {step}")
     return state_class.from_dict(meta["loop"]), dataloader_state
+
+
+def _state_fits(tensor, param, world_size):
+    """Whether a saved per-parameter state tensor has a shape this rank's optimizer keeps for `param`: the whole
+    parameter, its AdamW shard along dim 0, a NorMuon per-row / per-column second moment, or a scalar (a step count)."""
+    shape = tuple(tensor.shape)
+    if shape in ((), tuple(param.shape)):
+        return True
+    if shape == (param.size(0) // world_size, *param.shape[1:]):
+        return param.size(0) % world_size == 0
+    return param.ndim == 2 and shape in ((param.size(0), 1), (1, param.size(1)))
+
+
+def load_optimizer_moments(optimizers, args, meta, device, rank, world_size):
+    """
+    A warm start from the input checkpoint's optimizer state (meta: the checkpoint load_stage_model loaded): this
+    rank's per-parameter state (Muon's momentum and NorMuon's second moments, AdamW's moments and step counts)
+    goes into `optimizers`, whose param groups (lr, initial_lr, betas, weight decay) stay this stage's, so the
+    schedule runs from this stage's peaks. The input must have been saved with optimizer state, by as many ranks
+    as this run has (each rank holds its own shard), for optimizers of the same layout; else a one-line error.
+    """
+    source_dir, step = checkpoint_dir_for(args.source, args.model_tag), meta["step"]
+    where = f"{source_dir} step {step}"
+    if rank_file(rank, step) not in meta.get("files", {}):
+        raise SystemExit(f"error: {where} has no optimizer state (saved for inference only); drop --load-optimizer")
+    if meta.get("world_size") != world_size:
+        raise SystemExit(f"error: {where} was saved by {meta.get('world_size')} processes and this run has "
+                         f"{world_size}: each rank loads its own optimizer shard; launch with --nproc_per_node="
+                         f"{meta.get('world_size')} or drop --load-optimizer")
+    try:
+        saved = load_rank_state(source_dir, step, device, rank, meta)["optimizers"]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    layout = [[len(g["params"]) for g in opt.param_groups] for opt in optimizers]
+    saved_layout = [[len(g["params"]) for g in s["param_groups"]] for s in saved]
+    if saved_layout != layout:
+        raise SystemExit(f"error: the optimizer state of {where} has groups of {saved_layout} parameters, this "
+                         f"model's optimizers {layout}; drop --load-optimizer")
+    for opt, s in zip(optimizers, saved):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for index, per_param in s["state"].items():
+            bad = [k for k, v in per_param.items()
+                   if torch.is_tensor(v) and not _state_fits(v, params[index], world_size)]
+            if bad:
+                raise SystemExit(f"error: the optimizer state of {where} holds {bad[0]} of shape "
+                                 f"{tuple(per_param[bad[0]].shape)} for a parameter of shape "
+                                 f"{tuple(params[index].shape)}; drop --load-optimizer")
+        # torch maps the state by position and casts it to each parameter's device; the groups given are our own
+        opt.load_state_dict({"state": s["state"], "param_groups": opt.state_dict()["param_groups"]})
+    print0(f"optimizer state from {where} (moments only; LRs are this stage's)")
 
 
 def save_stage(checkpoint_dir, state, model, optimizers, args, meta, dataloader_state=None):

@@ -1,18 +1,22 @@
 """
-Supervised fine-tuning: the midtrained model learns to answer, one conversation at a time.
+Supervised fine-tuning: the midtrained model learns to answer, on whole conversations.
 
     python -m scripts.chat_sft                          # the largest mid model -> chatsft_checkpoints/<same tag>
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft
 
-Unlike midtraining, rows are not packed: each row is one conversation (BOS first), right-padded to
-the longest of its micro-batch and cut at max_seq_len (cut ones are counted). The loss is taken only
-where render_conversation's mask is 1 (the assistant's text, its tool calls and <|assistant_end|>);
-user turns, tool outputs and padding contribute nothing. The step's loss is the mean over every
-trained token of all its conversations on all ranks (nanochat.training.train_step), so a long answer
-weighs by its tokens, not by its row. The mixture is shuffled once (seeded); step s takes
-conversations [s * examples_per_step, (s + 1) * examples_per_step), so a resume needs only the step.
-The LR decays linearly to 0 over the run. Every --eval-every steps: the masked val loss; every
---eval-metrics-every steps: a quick ARC-Easy / MMLU accuracy and GSM8K accuracy + answer format share.
+The mixture is rendered (BOS first) and shuffled once (seeded), then packed best-fit into rows of
+max_seq_len + 1 tokens, whole conversations only (nanochat.dataloader.pack_sft_rows): none is ever cut,
+a conversation longer than a row is dropped and counted, and so is one with nothing to train; the end
+of a row is padding. The loss is taken only where render_conversation's mask is 1 (the assistant's
+text, its tool calls and <|assistant_end|>); user turns, tool outputs, each conversation's BOS and
+padding contribute nothing. The step's loss is the mean over every trained token of all its rows on
+all ranks (nanochat.training.train_step), so a long answer weighs by its tokens. Step s takes rows
+[s * rows_per_step, (s + 1) * rows_per_step) (cycling), so a resume needs only the step. The LRs,
+betas and sequence length are the input checkpoint's (nanochat.stage.stage_optimizers; the flags
+override them), the LR decays linearly to 0 over the run, and --load-optimizer starts from the input
+checkpoint's optimizer state (its moments; the LRs stay SFT's). Every --eval-every steps: the masked
+val loss (val rows packed the same way, one pass at most); every --eval-metrics-every steps: a quick
+ARC-Easy accuracy and GSM8K accuracy + answer format share.
 Checkpoints, exact --resume and the save-then-exit on SIGTERM / Ctrl-C are nanochat/stage.py's.
 """
 
@@ -23,13 +27,13 @@ from dataclasses import dataclass, field
 
 from nanochat.checkpoint import add_checkpoint_args
 from nanochat.common import FetchError, print0
-from nanochat.dataloader import sft_batch
+from nanochat.dataloader import conversation_batch, pack_sft_rows
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_loss
 from nanochat.report import get_report
 from nanochat.schedule import Momentum, Schedule
 from nanochat.stage import (LoopState, StageLog, StopRequest, add_stage_args, due, init_stage, load_stage_model,
-                            parse_stage_args, resume_run, save_stage, stage_optimizers)
+                            load_optimizer_moments, parse_stage_args, resume_run, save_stage, stage_optimizers)
 from nanochat.task_eval import evaluate_task
 from nanochat.training import train_step
 from tasks.arc import ARC
@@ -48,7 +52,7 @@ class SFTState(LoopState):
 
 
 # a --resume must keep these flags: they decide which data each step sees
-RESUME_FLAGS = ("examples_per_step", "max_seq_len", "seed", "num_iterations", "num_epochs")
+RESUME_FLAGS = ("rows_per_step", "max_seq_len", "seed", "num_iterations", "num_epochs", "load_optimizer")
 
 
 def build_mixture(split):
@@ -73,18 +77,30 @@ def render_all(parts, tokenizer, seed):
     return [tokenizer.render_conversation(mixture[i], max_tokens=None) for i in range(len(mixture))]
 
 
+def packing_stats(rows, dropped, row_len):
+    """What packing made of the mixture, for the log, the checkpoint's meta and the report."""
+    tokens = sum(len(ids) for row in rows for ids, _ in row)
+    return {"conversations packed": sum(map(len, rows)), "rows": len(rows), "row tokens": row_len,
+            "fill": round(tokens / max(len(rows) * row_len, 1), 4),
+            "trained tokens": sum(sum(mask[1:]) for row in rows for _, mask in row),
+            "dropped too long": dropped["too_long"], "dropped nothing to train": dropped["nothing_to_train"]}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Supervised fine-tuning of a midtrained model on conversations.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_checkpoint_args(p, default_source="mid")
     add_stage_args(p, "SFT", init_lr_frac=0.02, seed=11)
     p.add_argument("--max-seq-len", type=int, default=None, help="longest row; default: the model's context length")
-    p.add_argument("--device-batch-size", type=int, default=4, help="conversations per micro-batch per device")
-    p.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step, all ranks")
+    p.add_argument("--device-batch-size", type=int, default=4, help="packed rows per micro-batch per device")
+    p.add_argument("--rows-per-step", type=int, default=8, help="packed rows per optimizer step, all ranks")
+    p.add_argument("--load-optimizer", action="store_true",
+                   help="start from the input checkpoint's optimizer state (moments only; the LRs are SFT's)")
     p.add_argument("--num-epochs", type=int, default=1, help="passes over the mixture (when --num-iterations is -1)")
     p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: --num-epochs passes)")
     p.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1: end only)")
-    p.add_argument("--eval-steps", type=int, default=50, help="val micro-batches per evaluation (all ranks together)")
+    p.add_argument("--eval-steps", type=int, default=50,
+                   help="val micro-batches per evaluation, all ranks (one pass at most)")
     p.add_argument("--eval-metrics-every", type=int, default=200, help="quick task accuracy every N steps (-1: end only)")
     p.add_argument("--eval-problems", type=int, default=100, help="problems per task in the quick accuracy (0: none)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest GSM8K answer in the quick accuracy")
@@ -97,10 +113,16 @@ def main(argv=None):
     T = args.max_seq_len or model.config.sequence_len
 
     per_step = args.device_batch_size * world_size
-    if args.examples_per_step % per_step:
-        raise SystemExit(f"error: --examples-per-step {args.examples_per_step} is not a multiple of "
+    if args.rows_per_step % per_step:
+        raise SystemExit(f"error: --rows-per-step {args.rows_per_step} is not a multiple of "
                          f"device_batch_size * world_size = {per_step}")
-    grad_accum = args.examples_per_step // per_step
+    grad_accum = args.rows_per_step // per_step
+    optimizers, recipe = stage_optimizers(model, args, dtype, meta)
+    state = SFTState()
+    if args.resume:  # the run's own optimizer state, warm-started or not
+        state, _ = resume_run(SFTState, checkpoint_dir, model, optimizers, args, RESUME_FLAGS, device, rank)
+    elif args.load_optimizer:
+        load_optimizer_moments(optimizers, args, meta, device, rank, world_size)
 
     t0 = time.time()
     try:
@@ -111,39 +133,40 @@ def main(argv=None):
         print0(f"mixture: {name:<20} {len(task):>7,} conversations")
     train_data = render_all(train_parts, tokenizer, args.seed)
     val_data = render_all(val_parts, tokenizer, args.seed + 1)
-    too_long = sum(len(ids) > T + 1 for ids, _ in train_data)
-    trained_tokens = sum(sum(mask) for _, mask in train_data)
-    print0(f"rendered {len(train_data):,} train conversations ({trained_tokens:,} trained tokens; {too_long} longer "
-           f"than {T + 1} tokens will be cut) and {len(val_data):,} val in {time.time() - t0:.1f}s")
-    one_epoch = len(train_data) // args.examples_per_step
+    train_rows, dropped = pack_sft_rows(train_data, T + 1)
+    val_rows, _ = pack_sft_rows(val_data, T + 1)
+    packing = packing_stats(train_rows, dropped, T + 1)
+    print0(f"rendered {len(train_data):,} train and {len(val_data):,} val conversations in {time.time() - t0:.1f}s; "
+           f"packed {packing['conversations packed']:,} into {packing['rows']:,} rows of {T + 1} tokens (fill "
+           f"{100 * packing['fill']:.1f}%, {packing['trained tokens']:,} trained tokens), dropped "
+           f"{dropped['too_long']:,} longer than a row and {dropped['nothing_to_train']:,} with nothing to train; "
+           f"val {len(val_rows):,} rows")
+    if not train_rows or not val_rows:
+        raise SystemExit(f"error: no train or val conversation fits in a row of {T + 1} tokens; raise --max-seq-len")
+    one_epoch = len(train_rows) // args.rows_per_step
     num_iterations = args.num_iterations if args.num_iterations > 0 else one_epoch * args.num_epochs
     if num_iterations < 1:
-        raise SystemExit(f"error: {len(train_data)} conversations make less than one step of "
-                         f"{args.examples_per_step}; lower --examples-per-step")
-    print0(f"steps: {num_iterations} x {args.examples_per_step} conversations "
+        raise SystemExit(f"error: {len(train_rows)} packed rows make less than one step of "
+                         f"{args.rows_per_step}; lower --rows-per-step")
+    print0(f"steps: {num_iterations} x {args.rows_per_step} rows "
            f"({num_iterations / max(one_epoch, 1):.2f} epochs); grad accumulation {grad_accum} x world size {world_size}")
 
-    optimizers, recipe = stage_optimizers(model, args, dtype, meta)
     # linear decay to 0 over the whole run; Muon's momentum stays where the optimizer starts it
     schedule = Schedule(num_iterations, warmdown_ratio=1.0, momentum=Momentum.constant(0.95))
-    state = SFTState()
-    if args.resume:
-        state, _ = resume_run(SFTState, checkpoint_dir, model, optimizers, args, RESUME_FLAGS, device, rank)
     log = StageLog(checkpoint_dir, args, "nanochat-sft", master)
 
     def micro_batch(step, k):
-        """Micro-step k of `step` on this rank: conversations cycle over the shuffled mixture."""
-        first = step * args.examples_per_step + (k * world_size + rank) * args.device_batch_size
-        rows = [train_data[(first + j) % len(train_data)] for j in range(args.device_batch_size)]
-        x, y, _ = sft_batch(rows, pad_id, T, device)  # cut conversations are counted once, over the mixture
-        return x, y
+        """Micro-step k of `step` on this rank: its rows of the step, cycling over the packed rows."""
+        first = step * args.rows_per_step + (k * world_size + rank) * args.device_batch_size
+        rows = [train_rows[(first + j) % len(train_rows)] for j in range(args.device_batch_size)]
+        return conversation_batch(rows, T + 1, pad_id, device)
 
     def val_batches():
-        """This rank's share of the first eval_steps val micro-batches."""
-        for b in range(rank, args.eval_steps, world_size):
-            first = b * args.device_batch_size
-            rows = [val_data[(first + j) % len(val_data)] for j in range(args.device_batch_size)]
-            yield sft_batch(rows, pad_id, T, device)[:2]
+        """This rank's share of the first eval_steps val micro-batches, each val row once at most."""
+        passes = min(args.eval_steps, -(-len(val_rows) // args.device_batch_size))
+        for b in range(rank, passes, world_size):
+            rows = val_rows[b * args.device_batch_size:(b + 1) * args.device_batch_size]
+            yield conversation_batch(rows, T + 1, pad_id, device)
 
     def val_loss():
         """Mean masked loss per trained token over the val micro-batches of every rank."""
@@ -169,7 +192,8 @@ def main(argv=None):
         last, stopping = step == num_iterations, stop.requested(step, args.stop_after_step)
         if state.save_due(last, stopping, args.save_every):  # before the evals: a crash in them loses nothing
             save_stage(checkpoint_dir, state, model, optimizers, args,
-                       {"val_loss": state.val_loss, "source": args.source, "source_step": meta["step"], "recipe": recipe})
+                       {"val_loss": state.val_loss, "source": args.source, "source_step": meta["step"],
+                        "recipe": recipe, "optimizer_warm_start": args.load_optimizer, "packing": packing})
         if stopping and not last:
             break
         if last or due(args.eval_every, step):
@@ -195,7 +219,7 @@ def main(argv=None):
     if state.step == num_iterations and master:
         get_report().log("Chat SFT", [vars(args), {
             "source step": meta["step"], "conversations": len(train_data), "steps": num_iterations,
-            f"conversations cut at {T + 1} tokens": too_long, "final val loss": state.val_loss,
+            **{f"packing: {k}": v for k, v in packing.items()}, "final val loss": state.val_loss,
             **{f"{k} (quick, {args.eval_problems} problems)": v for k, v in state.metrics.items()},
             "training time (min)": state.train_time / 60},
             "mixture: " + ", ".join(f"{name} {len(task):,}" for name, task in train_parts)])

@@ -1,5 +1,6 @@
 """
-Post-training: packing with masks, the SFT loss against a hand-computed masked mean, RL advantages and
+Post-training: packing with masks, the SFT loss against a hand-computed masked mean (packing itself and the
+optimizer warm start: test_sft_packing.py), RL advantages and
 loss against hand-computed values, RL learning a toy reward, the shared step on 2 gloo ranks vs 1, and
 scripts.chat_sft / scripts.chat_rl end to end (2 steps each, loadable checkpoints, exact resume after
 --stop-after-step and after SIGTERM); scripts.mid_train's val eval (one pass at most) and its one-line
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT, TEST_DATA
-from nanochat.dataloader import pack_conversations, sft_batch
+from nanochat.dataloader import conversation_batch, pack_conversations
 from nanochat.engine import Engine
 from nanochat.rl import group_advantages, pg_micro_batches, rollout
 from nanochat.schedule import peak_lrs
@@ -90,8 +91,8 @@ def tiny(base_dir):
 def test_sft_loss_is_the_masked_mean(tiny):
     model, tok = tiny
     rendered = [tok.render_conversation(c, max_tokens=None) for c in (tool_conversation(), plain_conversation())]
-    x, y, truncated = sft_batch(rendered, tok.get_bos_token_id(), max_len=200)
-    assert truncated == 0 and x.shape[0] == 2
+    x, y = conversation_batch([[c] for c in rendered], 201, tok.get_bos_token_id())  # one conversation a row
+    assert x.shape == (2, 200)
     loss, tokens = accumulate_gradients(model, [(x, y)], NO_AUTOCAST)
     model.zero_grad(set_to_none=True)
     # by hand: each conversation alone, no padding; next-token log-probs at the positions the mask marks
@@ -112,11 +113,18 @@ def test_sft_loss_is_the_masked_mean(tiny):
     assert targets.count(special("<|python_end|>")) == 1  # the tool call is learned, its output is not
 
 
-def test_sft_batch_cuts_long_conversations_and_counts_them(tiny):
+def test_sft_loss_on_a_packed_row_is_the_masked_mean_over_the_row(tiny):
     model, tok = tiny
     rendered = [tok.render_conversation(c, max_tokens=None) for c in (tool_conversation(), plain_conversation())]
-    x, y, truncated = sft_batch(rendered, tok.get_bos_token_id(), max_len=12)
-    assert truncated == 2 and x.shape == (2, 12) and y.shape == (2, 12)
+    ids = [t for c, _ in rendered for t in c]
+    trained = [bool(m) and j > 0 for _, mask in rendered for j, m in enumerate(mask)]
+    x, y = conversation_batch([rendered], len(ids) + 5, tok.get_bos_token_id())  # both in one row, then padding
+    loss, tokens = accumulate_gradients(model, [(x, y)], NO_AUTOCAST)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():  # by hand: the row as one sequence; the second conversation's BOS is never a target
+        logp = F.log_softmax(model(torch.tensor([ids[:-1]])).float()[0], dim=-1)
+    terms = [-logp[t, ids[t + 1]].item() for t in range(len(ids) - 1) if trained[t + 1]]
+    assert tokens == len(terms) and loss == pytest.approx(sum(terms) / len(terms), rel=1e-5)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -297,7 +305,7 @@ def metrics(base_dir, folder, tag):
         return [json.loads(line) for line in f]
 
 
-SFT_FLAGS = ["--device-batch-size", "2", "--examples-per-step", "4", "--max-seq-len", "96", "--eval-every", "2",
+SFT_FLAGS = ["--device-batch-size", "2", "--rows-per-step", "4", "--max-seq-len", "128", "--eval-every", "2",
              "--eval-steps", "2", "--eval-problems", "3", "--max-new-tokens", "8"]
 RL_FLAGS = ["--prompts-per-step", "2", "--num-samples", "3", "--max-new-tokens", "12", "--eval-every", "2",
             "--eval-problems", "2", "--eval-samples", "2", "--temperature", "1.0"]
@@ -308,14 +316,26 @@ def test_sft_then_rl_two_steps_each_loadable_and_resumable(tiny, base_dir):
     # missing input checkpoint: a clear error naming the stage to run
     r = run_stage(base_dir, "scripts.chat_rl", *RL_FLAGS, "--num-iterations", "2", check=False)
     assert r.returncode != 0 and "chatsft_checkpoints" in (r.stderr + r.stdout) and "Traceback" not in r.stderr
+    # --load-optimizer from a checkpoint saved without optimizer state: one clear line
+    r = run_stage(base_dir, "scripts.chat_sft", *SFT_FLAGS, "--num-iterations", "2", "--load-optimizer", check=False)
+    assert r.returncode == 1 and "has no optimizer state" in r.stderr and "Traceback" not in r.stderr
     out = run_stage(base_dir, "scripts.chat_sft", *SFT_FLAGS, "--num-iterations", "2").stdout
-    assert "mixture: identity" in out and "mixture: GSM8K" in out and "will be cut" in out
+    assert "mixture: identity" in out and "mixture: GSM8K" in out
+    packing = re.search(r"packed ([\d,]+) into ([\d,]+) rows of 129 tokens \(fill ([\d.]+)%.*dropped ([\d,]+) longer "
+                        r"than a row and ([\d,]+) with nothing to train", out)
+    assert packing and int(packing.group(4).replace(",", "")) > 0 and 50 < float(packing.group(3)) <= 100
     full = [m["loss"] for m in metrics(base_dir, "chatsft_checkpoints", "d2") if "loss" in m]
     assert len(full) == 2
     quick = [m for m in metrics(base_dir, "chatsft_checkpoints", "d2") if "GSM8K well-formed" in m]
     assert quick and 0 <= quick[-1]["ARC-Easy"] <= 1
     model, _, meta = load_model("sft", "cpu")
-    assert meta["step"] == 2
+    assert meta["step"] == 2 and meta["optimizer_warm_start"] is False and meta["packing"]["rows"] > 0
+    # SFT again from that SFT checkpoint (it has optimizer state): warm-started, and recorded as such
+    out = run_stage(base_dir, "scripts.chat_sft", "-i", "sft", *SFT_FLAGS, "--num-iterations", "1",
+                    "--eval-every", "-1", "--eval-problems", "0", "--load-optimizer", "--out-tag", "warm").stdout
+    assert "optimizer state from" in out
+    with open(os.path.join(base_dir, "chatsft_checkpoints", "warm", "meta_000001.json")) as f:
+        assert json.load(f)["optimizer_warm_start"] is True
     # an interrupted SFT run resumes to the same losses
     run_stage(base_dir, "scripts.chat_sft", *SFT_FLAGS, "--num-iterations", "2", "--out-tag", "split",
               "--stop-after-step", "1")
@@ -386,6 +406,13 @@ def test_sft_and_rl_on_two_ranks_equal_one(tiny, base_dir):
     assert [m["tokens"] for m in one if "tokens" in m] == [m["tokens"] for m in two if "tokens" in m]
     assert [m["val_loss"] for m in one if "val_loss" in m] == pytest.approx(
         [m["val_loss"] for m in two if "val_loss" in m], rel=1e-4)
+    # warm-started from those checkpoints' optimizer state (each rank its own shard): step 2 moves by the moments
+    for nproc in (1, 2):
+        run_torchrun(base_dir, nproc, "scripts.chat_sft", "-i", "sft", "--model-tag", f"n{nproc}", *SFT_FLAGS,
+                     "--eval-every", "-1", "--eval-problems", "0", "--num-iterations", "2", "--load-optimizer",
+                     "--out-tag", f"warm{nproc}")
+    one, two = (metrics(base_dir, "chatsft_checkpoints", f"warm{n}") for n in (1, 2))
+    assert [m["loss"] for m in one if "loss" in m] == pytest.approx([m["loss"] for m in two if "loss" in m], rel=1e-4)
     for nproc in (1, 2):
         run_torchrun(base_dir, nproc, "scripts.chat_rl", *RL_FLAGS, "--eval-problems", "0", "--num-iterations", "2",
                      "--model-tag", "n1", "--out-tag", f"n{nproc}")
