@@ -1,5 +1,6 @@
 """
-Our checkpoints <-> the HuggingFace `transformers` NanoChat format (model_type "nanochat").
+Our checkpoints <-> the HuggingFace `transformers` NanoChat format (model_type "nanochat"), and our
+checkpoints -> MLX-LM's `nanochat` model (the same files under our own weight names; see mlx_config).
 
 transformers' NanoChatForCausalLM computes exactly our function: embedding -> RMSNorm -> blocks of
 (RMSNorm -> attention with RoPE then QK-norm, GQA) + (RMSNorm -> fc1, relu², fc2) -> RMSNorm ->
@@ -13,8 +14,10 @@ as rms_norm_eps.
 The tokenizer becomes a `tokenizers` byte-level BPE (tokenizer.json): our split regex, every token
 as GPT-2 byte-to-unicode text under its own id, merges recovered from the ranks, our special tokens
 as added tokens, and `ignore_merges` on (tiktoken, which encodes our ids, takes a whole pre-token
-that is itself a token without merging). The chat template renders a conversation to the same ids
-as render_conversation. This file reads nothing from transformers: export needs only safetensors.
+that is itself a token without merging); encoding a text with special tokens puts BOS first, as our
+server does with a raw prompt. The chat template renders a conversation to the same ids as
+render_conversation, with contents as str or as OpenAI-style lists of text parts. This file reads
+nothing from transformers or mlx: export needs only safetensors.
 """
 
 import json
@@ -137,6 +140,42 @@ def from_hf_state_dict(tensors, config):
 
 
 # -------------------------------------------------------------------------------------------------
+# MLX-LM
+
+MLX_RMS_NORM_EPS = 1e-5  # mlx_lm/models/nanochat.py's rms_norm: a constant, read from no config field
+
+
+def mlx_config(config, tokenizer):
+    """
+    config.json for mlx_lm's own `nanochat` model (mlx_lm/models/nanochat.py), which takes these fields
+    and our own weight names. It computes our function (same RoPE sign convention, QK-norm after RoPE,
+    relu², soft-cap 15) except that its RMSNorm eps is 1e-5 where ours is ~1.2e-7: the norms' inputs
+    have mean squares of ~1 or more in a trained model, so logits move by ~1e-4 (a trained d2 over 1024
+    positions: 1.3e-4 at most, every argmax the same), enough to flip a greedy token only at a near-tie.
+    """
+    bos = tokenizer.get_bos_token_id()
+    return {
+        "model_type": "nanochat",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": 4 * config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "max_position_embeddings": config.sequence_len,
+        "rope_theta": ROPE_THETA,
+        "bos_token_id": bos,
+        "eos_token_id": [tokenizer.encode_special("<|assistant_end|>"), bos],
+    }
+
+
+def to_mlx_state_dict(state_dict, config):
+    """Our weights under our own names (as mlx_lm's nanochat model reads them), padding rows removed."""
+    inverse = {theirs: ours for ours, theirs in key_map(config.n_layer).items()}
+    return {inverse[theirs]: tensor for theirs, tensor in to_hf_state_dict(state_dict, config).items()}
+
+
+# -------------------------------------------------------------------------------------------------
 # tokenizer
 
 def bytes_to_unicode():
@@ -171,25 +210,45 @@ def merges_from_ranks(ranks):
 
 
 def chat_template():
-    """Jinja that renders {'messages': [...]} exactly as RustBPETokenizer.render_conversation (BOS included)."""
+    """
+    Jinja that renders {'messages': [...]} exactly as RustBPETokenizer.render_conversation (BOS included).
+    A message's content may also be a list of parts, as OpenAI clients send it: system and user parts
+    are {'type': 'text', 'text': ...} and are concatenated (as mlx_lm's server joins them); assistant
+    parts may also be python / python_output. The loops read m['content'] itself, which is how vLLM
+    recognises a template that takes lists (else it flattens them itself, joined by newlines).
+    """
+    def text_parts(role):  # a system or user message's content: a str, or text parts concatenated
+        return ("{%- if m['content'] is string -%}{{- m['content'] -}}"
+                "{%- else -%}{%- for part in m['content'] -%}"
+                "{%- if part['type'] != 'text' -%}"
+                "{{- raise_exception('ROLE content parts must be of type text, not ' + part['type']) -}}"
+                "{%- endif -%}{{- part['text'] -}}{%- endfor -%}{%- endif -%}").replace("ROLE", role)
     return (
         "{{- '<|bos|>' -}}"
-        "{%- set msgs = messages -%}"
-        "{%- if msgs and msgs[0]['role'] == 'system' -%}"
-        "{%- set msgs = [{'role': 'user', 'content': msgs[0]['content'] + '\\n\\n' + msgs[1]['content']}] + msgs[2:] -%}"
-        "{%- endif -%}"
-        "{%- for m in msgs -%}"
-        "{%- if m['role'] == 'user' -%}"
-        "{{- '<|user_start|>' + m['content'] + '<|user_end|>' -}}"
+        "{%- set first = 1 if messages and messages[0]['role'] == 'system' else 0 -%}"
+        "{%- for m in messages -%}"
+        "{%- set expected = ['user', 'assistant'][(loop.index0 - first) % 2] -%}"
+        "{%- if m['role'] in ['user', 'assistant'] and m['role'] != expected -%}"
+        "{{- raise_exception('after an optional system message, roles alternate user/assistant') -}}{%- endif -%}"
+        # the model has no system role: the system prompt heads the first user turn (render_conversation's rule)
+        "{%- if m['role'] == 'system' -%}"
+        "{%- if not loop.first or messages | length < 2 -%}"
+        "{{- raise_exception('a system message may only come first, followed by a user message') -}}{%- endif -%}"
+        "{{- '<|user_start|>' -}}" + text_parts("system") + "{{- '\\n\\n' -}}"
+        "{%- elif m['role'] == 'user' -%}"
+        "{%- if not (loop.index0 == 1 and first) -%}{{- '<|user_start|>' -}}{%- endif -%}"
+        + text_parts("user") + "{{- '<|user_end|>' -}}"
         "{%- elif m['role'] == 'assistant' -%}"
         "{{- '<|assistant_start|>' -}}"
         "{%- if m['content'] is string -%}{{- m['content'] -}}"
         "{%- else -%}{%- for part in m['content'] -%}"
-        "{%- if part['type'] == 'python' -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}"
+        "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+        "{%- elif part['type'] == 'python' -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}"
         "{%- elif part['type'] == 'python_output' -%}{{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}"
-        "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+        "{%- else -%}{{- raise_exception('unknown assistant part type ' + part['type']) -}}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
         "{{- '<|assistant_end|>' -}}"
+        "{%- else -%}{{- raise_exception('unknown role ' + m['role'] + '; use system, user or assistant') -}}"
         "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
@@ -202,6 +261,9 @@ def tokenizer_files(tokenizer, model_max_length):
     text = lambda token: "".join(table[b] for b in token)  # noqa: E731
     ranks = tokenizer.get_mergeable_ranks()
     vocab = {text(token): r for r, token in enumerate(ranks)}
+    bos = tokenizer.get_bos_token_id()
+    bos_at = lambda type_id: {"SpecialToken": {"id": "<|bos|>", "type_id": type_id}}  # noqa: E731
+    seq = lambda name, type_id: {"Sequence": {"id": name, "type_id": type_id}}  # noqa: E731
     added = [{"id": tokenizer.encode_special(name), "content": name, "single_word": False, "lstrip": False,
               "rstrip": False, "normalized": False, "special": True} for name in SPECIAL_TOKENS]
     tokenizer_json = {
@@ -213,8 +275,15 @@ def tokenizer_files(tokenizer, model_max_length):
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": tokenizer.get_pattern()}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-        "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        # encode(text) puts BOS first, as our server does to a raw-text prompt (vLLM's and mlx_lm's
+        # /v1/completions encode with special tokens); chat templates are encoded without, the BOS is in the text
+        "post_processor": {"type": "TemplateProcessing", "single": [bos_at(0), seq("A", 0)],
+                           "pair": [bos_at(0), seq("A", 0), bos_at(1), seq("B", 1)],  # as transformers builds it
+                           "special_tokens": {"<|bos|>": {"id": "<|bos|>", "ids": [bos], "tokens": ["<|bos|>"]}}},
+        # a Sequence of one ByteLevel decoder decodes as ByteLevel does, but mlx_lm then streams text with its
+        # generic detokenizer: its byte-level one drops the first space of every reply
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
                   "vocab": vocab, "merges": [[text(a), text(b)] for a, b in merges_from_ranks(ranks)]},
@@ -224,7 +293,7 @@ def tokenizer_files(tokenizer, model_max_length):
         "bos_token": "<|bos|>",
         "eos_token": "<|assistant_end|>",
         "pad_token": "<|bos|>",
-        "add_bos_token": False,
+        "add_bos_token": True,  # what the post-processor does (some tokenizer classes rebuild it from this flag)
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
@@ -264,17 +333,25 @@ def tokenizer_from_json(tokenizer_json):
 # -------------------------------------------------------------------------------------------------
 # folders
 
-def export_folder(model, tokenizer, out_dir):
-    """Writes config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json."""
+def export_folder(model, tokenizer, out_dir, folder_format="hf"):
+    """
+    Writes config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json:
+    for transformers (and vLLM, SGLang) with folder_format "hf", for mlx_lm with "mlx" (the same files,
+    with our weight names and mlx_config; transformers cannot load that folder).
+    """
     config = model.config
+    if folder_format not in ("hf", "mlx"):
+        raise ValueError(f"folder_format is 'hf' or 'mlx', not {folder_format!r}")
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise NotExportable(f"the tokenizer has {tokenizer.get_vocab_size()} ids, the model {config.vocab_size}")
-    tensors = to_hf_state_dict(model.state_dict(), config)
+    if folder_format == "hf":
+        tensors, cfg = to_hf_state_dict(model.state_dict(), config), hf_config(config, tokenizer)
+    else:
+        tensors, cfg = to_mlx_state_dict(model.state_dict(), config), mlx_config(config, tokenizer)
     with atomic_write(os.path.join(out_dir, "model.safetensors"), "wb") as f:  # a crash leaves no half file
         f.write(save(tensors, metadata={"format": "pt"}))
-    cfg = hf_config(config, tokenizer)
     generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
-                  "pad_token_id": cfg["pad_token_id"]}
+                  "pad_token_id": cfg["bos_token_id"]}
     tok_json, tok_config = tokenizer_files(tokenizer, config.sequence_len)
     for name, payload in (("config.json", cfg), ("generation_config.json", generation),
                           ("tokenizer.json", tok_json), ("tokenizer_config.json", tok_config)):

@@ -1,8 +1,8 @@
 """
 The HuggingFace ecosystem: scripts.export_hf -> transformers' NanoChatForCausalLM + AutoTokenizer
-(logits, greedy generation, token ids, chat template), scripts.import_hf round trip, refusal of a
-model with no HF equivalent, /v1/completions log-probabilities, and a real lm-evaluation-harness run
-against a real server on 127.0.0.1.
+(logits, greedy generation, token ids, chat template with str or OpenAI-style list contents, BOS on raw
+text), scripts.import_hf round trip, refusal of a model with no HF equivalent, /v1/completions
+log-probabilities, and a real lm-evaluation-harness run against a real server on 127.0.0.1.
 """
 
 import json
@@ -133,6 +133,41 @@ def test_auto_tokenizer_reproduces_our_ids_and_chat_template(tokenizer, tmp_path
         hf_prompt = hf_tok.apply_chat_template(conversation["messages"][:-1], tokenize=True, return_dict=False,
                                                add_generation_prompt=True)
         assert list(hf_prompt) == prompt
+
+
+def test_chat_template_takes_openai_list_content_and_raw_text_gets_bos(tokenizer, tmp_path):
+    """
+    OpenAI clients (and vLLM's chat-template warm-up) send contents as [{"type": "text", "text": ...}]:
+    the exported template renders the parts' concatenated text, to the ids our render gives that text.
+    A raw text encoded with special tokens (what vLLM's and mlx_lm's /v1/completions do) gets BOS
+    first, as our server prompts it.
+    """
+    export_folder(random_model(tokenizer), tokenizer, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    parts = lambda text, cut: [{"type": "text", "text": text[:cut]}, {"type": "text", "text": text[cut:]}]  # noqa: E731
+    messages = [{"role": "system", "content": parts("Be brief and kind.", 5)},  # cut inside a word
+                {"role": "user", "content": parts("What is 日本?", 4)},
+                {"role": "assistant", "content": [{"type": "text", "text": "A country. "},
+                                                  {"type": "python", "text": "2+3"}, {"type": "python_output", "text": "5"}]},
+                {"role": "user", "content": [{"type": "text", "text": "Thanks 🤖"}]},
+                {"role": "assistant", "content": "You're welcome."}]
+    joined = lambda m: dict(m, content="".join(p["text"] for p in m["content"]))  # noqa: E731
+    flat = [joined(m) if m["role"] != "assistant" else m for m in messages]  # our renderer takes str user turns
+    ids, _ = tokenizer.render_conversation({"messages": flat}, max_tokens=None)
+    assert list(hf_tok.apply_chat_template(messages, tokenize=True, return_dict=False)) == ids
+    prompt = hf_tok.apply_chat_template(messages[:-1], tokenize=True, return_dict=False, add_generation_prompt=True)
+    assert list(prompt) == tokenizer.render_for_completion({"messages": flat})
+    assert prompt.count(tokenizer.get_bos_token_id()) == 1  # the template's BOS only: chat text is encoded without
+    # what our renderer refuses, the template refuses too (never a silently different prompt)
+    for bad in ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+                [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+                [{"role": "system", "content": "a"}]):
+        with pytest.raises(Exception, match="text|alternate|first"):
+            hf_tok.apply_chat_template(bad, tokenize=False)
+    for text in ("To be, or not to be", "日本語 🤖", ""):
+        assert hf_tok(text).input_ids == [tokenizer.get_bos_token_id()] + tokenizer.encode(text)
+        assert hf_tok.encode(text, add_special_tokens=False) == tokenizer.encode(text)
 
 
 def write_checkpoint(base, tokenizer, model, step, monkeypatch):
