@@ -33,8 +33,9 @@ import time
 
 import torch
 
+from nanochat.batching import BatchScheduler
 from nanochat.common import GPU_BF16_PEAK, autocast_ctx, measure_matmul_peak
-from nanochat.engine import BatchScheduler, Engine, KVCache
+from nanochat.engine import Engine, KVCache
 from nanochat.gpt import GPT, GPTConfig, config_for_depth
 from nanochat.tokenizer import RustBPETokenizer
 from nanochat.training import train_step

@@ -21,7 +21,8 @@ import time
 import torch
 
 from bench import data_dir, read_text
-from nanochat.engine import BatchScheduler, Engine
+from nanochat.batching import BatchScheduler
+from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import RustBPETokenizer
 

@@ -1,30 +1,33 @@
 """
-Serving under load: N concurrent streaming clients against a real uvicorn server on loopback
-(scripts.chat_web with a random depth-4 model, one CPU worker per --workers), each sending
---requests requests, twice in one run on the same model: one request per worker at a time (the old
-mode, --batch-slots 1) and continuous batching (--slots requests share each decode step). Prints
-requests/s, time to first token p50/p95, streamed tokens/s and errors per mode and the ratio; the
-last line is a JSON object with every figure.
+Serving under load: N concurrent streaming clients against the real server on loopback
+(`python -m scripts.chat_web` on a random depth-4 model saved as a checkpoint in a temporary base dir,
+--workers CPU replicas), each sending --requests requests, twice in one run on the same model: one
+request per worker at a time (--batch-slots 1) and continuous batching (--slots requests share each
+decode step). Prints requests/s, time to first token p50/p95, streamed tokens/s and errors per mode
+and the ratio; the last line is a JSON object with every figure.
 
     python -m bench.serve --clients 16 --requests 2
 """
 
 import argparse
 import json
+import os
+import shutil
 import socket
 import statistics
-import threading
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import asdict
 
 import httpx
 import torch
 
-from bench import data_dir, read_text
-from nanochat.engine import Engine
+from bench import REPO_ROOT, data_dir, read_text
+from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import RustBPETokenizer
-from scripts.chat_web import Limits, Worker, create_app
-
 
 
 def main():
@@ -39,26 +42,26 @@ def main():
     args = p.parse_args()
     text = read_text(data_dir(small_ok=True), "pretrain", "tinyshakespeare", "input.txt")
     tokenizer = RustBPETokenizer.train_from_iterator(iter([text[i:i + 2000] for i in range(0, len(text), 2000)]), 4096)
-    models = []
-    for i in range(args.workers):
-        torch.manual_seed(i)
-        model = GPT(config_for_depth(args.depth, tokenizer.get_vocab_size(), 1024, head_dim=64))
-        model.init_weights()
-        with torch.no_grad():
-            for param in model.parameters():
-                param.normal_(0, 0.02)
-            specials = [tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()]
-            model.lm_head.weight[specials] = 0  # replies run to max_tokens: a fixed amount of work per request
-        models.append(model.eval())
+    torch.manual_seed(0)
+    model = GPT(config_for_depth(args.depth, tokenizer.get_vocab_size(), 1024, head_dim=64))
+    model.init_weights()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+        specials = [tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()]
+        model.lm_head.weight[specials] = 0  # replies run to max_tokens: a fixed amount of work per request
+    base = tempfile.mkdtemp(prefix="nanochat-bench-serve-")
+    os.environ["NANOCHAT_BASE_DIR"] = base  # the checkpoint records this base dir's tokenizer; the server reads both
+    tokenizer.save(os.path.join(base, "tokenizer"))
+    save_checkpoint(os.path.join(base, "chatsft_checkpoints", f"d{args.depth}"), 0, model, [],
+                    {"model_config": asdict(model.config)})
     rows = []
     print(f"{args.clients} streaming clients x {args.requests} requests x {args.max_tokens} tokens, "
           f"{args.workers} worker(s), depth {args.depth}, {torch.get_num_threads()} threads")
     print("| mode | requests | errors | requests/s | TTFT p50 s | TTFT p95 s | streamed tokens/s | vs one-per-worker |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, slots in (("one request per worker", 1), (f"continuous batching, {args.slots} slots", args.slots)):
-        workers = [Worker(i, Engine(m, tokenizer, calculator=lambda e: "0"), tokenizer, slots=slots,
-                          compile=args.compile_decode) for i, m in enumerate(models)]
-        result = run_clients(workers, args)
+        result = run_clients(slots, args)
         result["mode"], result["slots"] = name, slots
         rows.append(result)
         ratio = result["stream_tokens_per_s"] / rows[0]["stream_tokens_per_s"]
@@ -68,30 +71,43 @@ def main():
         if result["error_samples"]:
             print("errors:", result["error_samples"])
     print(json.dumps(rows))
+    shutil.rmtree(base, ignore_errors=True)
 
 
-def run_clients(workers, args):
-    """A real uvicorn server on loopback with these workers, and args.clients concurrent streaming clients in a
-    process of their own (in this one they would take the server's GIL, which no real client does)."""
+def run_clients(slots, args):
+    """The server (`python -m scripts.chat_web`, fp32 on the CPU, `slots` batch slots per worker) on a free loopback port,
+    and args.clients concurrent streaming clients in a process of their own (in the bench's process they would
+    share its GIL, which no real client does)."""
     import multiprocessing
-    import uvicorn
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(workers, Limits(max_queue=4 * args.clients)), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    clients = ctx.Process(target=client_process, args=(f"http://127.0.0.1:{port}/v1/chat/completions",
-                                                        args.clients, args.requests, args.max_tokens, results))
-    clients.start()
-    result = results.get()
-    clients.join()
-    server.should_exit = True
-    result["workers"] = len(workers)
+    server = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "-i", "sft", "--port", str(port), "--device-type", "cpu",
+                               "--dtype", "float32", "--num-workers", str(args.workers), "--batch-slots", str(slots),
+                               "--compile-decode", args.compile_decode, "--max-queue", str(4 * args.clients),
+                               "--limit-concurrency", str(max(64, 2 * args.clients))], cwd=REPO_ROOT,
+                              stdout=subprocess.DEVNULL)  # its start-up line would break the table; errors go to stderr
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if server.poll() is not None or time.time() > deadline:
+                    sys.exit("error: the server (python -m scripts.chat_web) did not come up; its errors are above")
+                time.sleep(0.3)
+        ctx = multiprocessing.get_context("spawn")
+        results = ctx.Queue()
+        clients = ctx.Process(target=client_process, args=(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                                            args.clients, args.requests, args.max_tokens, results))
+        clients.start()
+        result = results.get()
+        clients.join()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    result["workers"] = args.workers
     return result
 
 

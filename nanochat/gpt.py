@@ -81,25 +81,27 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm, after the rotation
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        mask = None  # the keys each row may see (a slot pool: only its own length), None: all of them
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # all keys/values so far
+            mask = kv_cache.key_mask
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_kv_head != self.n_head
-        if Tq == Tk:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif Tq == 1:
-            # decode: one new token sees everything in the cache. Two small matmuls beat the fused
+        if kv_cache is not None and Tq == 1:
+            # decode: one new token per row sees its cached keys. Two small matmuls beat the fused
             # kernel here (it is tiled for long queries); query heads are grouped by their kv head.
             Hkv, G = self.n_kv_head, self.n_head // self.n_kv_head
             qg = q.view(B, Hkv, G, self.head_dim)
             scores = (qg @ k.transpose(-2, -1)) * self.head_dim ** -0.5  # (B, Hkv, G, Tk)
-            if getattr(kv_cache, "valid", None) is not None:  # a slot pool: each row sees only its own length
-                scores = scores.masked_fill(~kv_cache.valid, float("-inf"))
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
             y = (scores.float().softmax(dim=-1).to(v.dtype) @ v).view(B, self.n_head, 1, self.head_dim)
-        else:
-            # a chunk after a cached prefix: the whole prefix, causal within the chunk
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif Tq == Tk and mask is None:  # training, or a prefill from an empty cache
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # a chunk after a cached prefix: the whole prefix (the keys the mask allows), causal within the chunk
+            allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed if mask is None else allowed & mask,
+                                               enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
@@ -225,18 +227,18 @@ class GPT(nn.Module):
         With a kv_cache, idx continues the cached sequence (prefill a prompt, or decode one token).
         """
         B, T = idx.size()
-        positions = getattr(kv_cache, "positions", None)
-        T0 = 0 if kv_cache is None or positions is not None else kv_cache.get_pos()
-        if T0 + T > self.cos.size(1):
+        # the new tokens' positions: 0..T-1 without a cache; with one, the cache says (each row its own, in a slot pool)
+        positions, end = (None, T) if kv_cache is None else kv_cache.new_positions(T, idx.device)
+        if end > self.cos.size(1):
             # normal tensors even when grown during sampling (inference tensors could not be used by a
             # later training forward, e.g. RL training right after its rollouts)
             with torch.inference_mode(False), torch.no_grad():
-                cos, sin = self._rotary_tables(max(2 * self.cos.size(1), T0 + T), device=idx.device)
+                cos, sin = self._rotary_tables(max(2 * self.cos.size(1), end), device=idx.device)
             self.cos, self.sin = cos, sin
-        if positions is not None:  # a slot pool (engine.SlotCache): one token per row, each at its own position
-            cos_sin = self.cos[0, positions][:, None], self.sin[0, positions][:, None]
-        else:
-            cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        if positions is None:
+            cos_sin = self.cos[:, :T], self.sin[:, :T]
+        else:  # (rows, T, 1, D/2): gathered per row
+            cos_sin = self.cos[0, positions], self.sin[0, positions]
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)

@@ -1,7 +1,13 @@
 """
 The KV caches generation runs on. KVCache: one batch of sequences that advance together (a prompt's
 prefill, then its rows), grown by reallocation. SlotCache: a fixed pool of sequences of different
-lengths for continuous batching (engine.BatchScheduler), allocated once.
+lengths for continuous batching (batching.BatchScheduler), allocated once.
+
+Both show the model the same interface, so GPT.forward never asks which one it has:
+new_positions(T, device) -> (the positions of the T new tokens, (rows or 1, T); one past the largest),
+insert_kv(layer, k, v) -> every key and value the new tokens attend over, and key_mask: a bool mask
+(rows, 1, 1, keys) of the keys each row may see, or None when every key is visible (causality among
+the new tokens themselves is the attention's business).
 """
 
 import torch
@@ -13,6 +19,8 @@ class KVCache:
     allocating a larger buffer and copying (never `resize_`, which scrambles the layout). Its dtype
     follows the keys it is given, so fp32 on CPU and bf16 under autocast both work.
     """
+
+    key_mask = None  # the rows advance together: every cached key is visible to every row
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
         self.shape = (batch_size, num_heads, seq_len, head_dim)
@@ -26,6 +34,10 @@ class KVCache:
 
     def get_pos(self):
         return self.pos
+
+    def new_positions(self, num_new, device):
+        start = self.get_pos()
+        return torch.arange(start, start + num_new, device=device)[None], start + num_new
 
     def _grow(self, layer_idx, needed, like):
         B, H, T, D = self.shape
@@ -75,9 +87,9 @@ class SlotCache:
     """
     Keys and values for a fixed pool of `slots` sequences of up to max_len positions, allocated once
     (never per request) with a per-slot length. In a decode step the first n slots feed one token each
-    at its own position and attend over the first `span` positions: `positions` (n,) and the `valid`
-    key mask (n, 1, 1, span) are what GPT.forward and the attention read. n and span come in a few
-    bucketed sizes (the caller's choice), so a compiled step has a few shapes; reading only `span`
+    at its own position and attend over the first `span` positions: `positions` (n,) and `key_mask`
+    (n, 1, 1, span: each row's own length) are what GPT.forward and the attention read. n and span come
+    in a few bucketed sizes (the caller's choice), so a compiled step has a few shapes; reading only `span`
     positions of every row, not max_len, is what keeps a batch of short replies cheap.
     """
 
@@ -88,7 +100,7 @@ class SlotCache:
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.rows = torch.arange(slots, device=device)
         self.span = torch.arange(max_len, device=device)
-        self.begin_step()  # positions and valid exist from the start (a compiled step then traces once)
+        self.begin_step()  # positions and key_mask exist from the start (a compiled step then traces once)
 
     def load(self, slot, prefix, length):
         """Copy a batch-1 KVCache's first `length` positions into `slot`."""
@@ -106,7 +118,13 @@ class SlotCache:
         in space no one reads)."""
         self.n, self.width = n, span = n or self.shape[0], span or self.shape[2]
         self.positions = self.lengths[:n].clamp(max=span - 1)
-        self.valid = (self.span[None, :span] <= self.positions[:, None]).view(n, 1, 1, span)
+        self.key_mask = (self.span[None, :span] <= self.positions[:, None]).view(n, 1, 1, span)
+
+    def new_positions(self, num_new, device):
+        """One new token per row, at the row's own length; every position is below the span."""
+        if num_new != 1:
+            raise ValueError(f"a slot pool step feeds one token per row, got {num_new}")
+        return self.positions[:, None], self.width
 
     def insert_kv(self, layer_idx, k, v):
         """k, v (n, H, 1, D): written at each slot's position. Returns the n slots' keys and values."""

@@ -1,16 +1,57 @@
 """
-The OpenAI-compatible request side of the chat server: request validation with a specific 4xx for
-every bad field (in tokens where the model counts in tokens: prompt + max_tokens must fit the context),
-the body read with a size and time limit, and error responses that quote user values only as short
-prefixes. scripts/chat_web.py serves it; nothing here starts a server.
+The OpenAI-compatible API of the chat server, without its routes: the request limits; request
+validation with a specific 4xx for every bad field (in tokens where the model counts in tokens: prompt +
+max_tokens must fit the context), the body read with a size and time limit; the response and stream
+chunk shapes; error responses that quote user values only as short prefixes; and /v1/completions, raw
+text completion with log-probabilities (TextCompletion). scripts/chat_web.py serves it; nothing here
+starts a server.
+
+Chat messages' content is a string, or a list of {"type": "text", "text": ...} parts as OpenAI clients
+send it (joined, as the exported chat template joins them; an assistant turn may also hold python and
+python_output parts, its tool calls). A leading system message is folded into the first user turn.
 """
 
 import asyncio
 import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from fastapi.responses import JSONResponse
 
 from nanochat.sampling import MIN_TEMPERATURE
+
+
+@dataclass
+class Limits:
+    max_messages: int = 64
+    max_message_chars: int = 8000
+    max_total_chars: int = 32000
+    max_tokens: int = 2048
+    max_top_k: int = 1000
+    max_n: int = 8
+    max_queue: int = 16
+    queue_timeout: float = 60.0
+    max_prompts: int = 64
+    max_prompt_tokens: int = 8192
+    max_body_bytes: int = 1_000_000
+    body_timeout: float = 10.0
+
+
+LIMIT_HELP = {
+    "max_messages": "most messages in one conversation", "max_message_chars": "most characters in one message",
+    "max_total_chars": "most characters in a conversation or a /v1/completions prompt",
+    "max_tokens": "highest max_tokens a request may ask for (prompt + max_tokens must also fit the model's context)",
+    "max_top_k": "highest top_k", "max_n": "highest n (samples per request)",
+    "max_queue": "requests that may wait for a busy worker; more get 503 at once",
+    "queue_timeout": "seconds a request waits for a worker before 503",
+    "max_prompts": "/v1/completions: most prompts per request", "max_prompt_tokens": "/v1/completions: most tokens per prompt",
+    "max_body_bytes": "largest request body; a larger one gets 413 while it is read (chunked bodies too)",
+    "body_timeout": "seconds a client has to send its whole request body; a slower one gets 408",
+}
 
 
 class APIError(Exception):
@@ -107,6 +148,23 @@ def check_context(what, prompt_tokens, max_tokens, context):
                        code="context_length_exceeded")
 
 
+def message_content(i, m):
+    """A message's content as the tokenizer takes it: a string (text parts joined), or an assistant's list of parts
+    when it holds tool calls; None when it is neither a string nor a list of parts (the caller's 400)."""
+    content = m.get("content")
+    if not isinstance(content, list) or not content:
+        return content if isinstance(content, str) else None
+    kinds = ("text", "python", "python_output") if m.get("role") == "assistant" else ("text",)
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("text"), str) or part.get("type") not in kinds:
+            kind = part.get("type") if isinstance(part, dict) else part
+            raise APIError(400, f"message {i} content part {j} must be {{'type': 'text', 'text': <string>}}"
+                                f"{' (or python, python_output)' if len(kinds) > 1 else ''}, got type {shown(kind)}")
+    if all(part["type"] == "text" for part in content):
+        return "".join(part["text"] for part in content)
+    return [{"type": part["type"], "text": part["text"]} for part in content]
+
+
 def validate(body, limits, openai, tokenizer, context):
     """-> (prompt token ids, options) or raises APIError(400) with the specific reason."""
     if not isinstance(body, dict):
@@ -116,17 +174,19 @@ def validate(body, limits, openai, tokenizer, context):
         raise APIError(400, "'messages' must be a non-empty list")
     if len(messages) > limits.max_messages:
         raise APIError(400, f"too many messages: {len(messages)} > {limits.max_messages}")
-    total = 0
+    total, messages = 0, [dict(m, content=message_content(i, m)) if isinstance(m, dict) else m
+                          for i, m in enumerate(messages)]
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise APIError(400, f"message {i} must be an object with a string 'content'")
+        if not isinstance(m, dict) or m["content"] is None:
+            raise APIError(400, f"message {i} must be an object with a string 'content' (or a list of text parts)")
         if m.get("role") not in ("system", "user", "assistant"):
             raise APIError(400, f"message {i} has unknown role {shown(m.get('role'))}; use system, user or assistant")
         if m["role"] == "system" and i != 0:
             raise APIError(400, "a system message may only come first")
-        if len(m["content"]) > limits.max_message_chars:
-            raise APIError(400, f"message {i} is {len(m['content'])} characters; the limit is {limits.max_message_chars}")
-        total += len(m["content"])
+        chars = sum(len(p["text"]) for p in m["content"]) if isinstance(m["content"], list) else len(m["content"])
+        if chars > limits.max_message_chars:
+            raise APIError(400, f"message {i} is {chars} characters; the limit is {limits.max_message_chars}")
+        total += chars
     if total > limits.max_total_chars:
         raise APIError(400, f"the conversation is {total} characters; the limit is {limits.max_total_chars}")
     if messages[-1]["role"] != "user":
@@ -203,3 +263,164 @@ def validate_completion(body, limits, tokenizer, context):
     for i, p in enumerate(ids):  # complete() puts a <|bos|> before a prompt that lacks one
         check_context(f"prompt {i}", len(p) + (p[0] != bos), options["max_tokens"], context)
     return ids, options
+
+
+# -------------------------------------------------------------------------------------------------
+# response shapes
+
+def usage(prompt_tokens, completion_tokens):
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(model, info):
+    """A whole chat.completion from a reply job's 'end' payload (serving.ReplyStream)."""
+    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                                        for i, (text, finish) in enumerate(zip(info["texts"], info["finish"]))],
+            "usage": usage(info["prompt_tokens"], info["completion_tokens"])}
+
+
+async def chat_chunks(events, model, include_usage=False):
+    """A streamed chat completion as server-sent events: a role chunk, a chunk per piece of text, a last chunk with
+    the finish reason (then, with include_usage, one with the token counts), then [DONE]."""
+    rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def chunk(delta=None, finish=None, counts=None):
+        shape = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                 "choices": [] if counts else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return "data: " + json.dumps(dict(shape, usage=counts) if counts else shape) + "\n\n"
+    yield chunk({"role": "assistant", "content": ""})
+    async for kind, payload in events:
+        if kind == "text":
+            yield chunk({"content": payload[1]})
+        elif kind == "error":
+            yield "data: " + json.dumps({"error": {"message": payload, "type": "server_error"}}) + "\n\n"
+        else:
+            yield chunk({}, payload["finish"][0])
+            if include_usage:
+                yield chunk(counts=usage(payload["prompt_tokens"], payload["completion_tokens"]))
+    yield "data: [DONE]\n\n"
+
+
+def text_completion(model, choices):
+    """The text_completion response from TextCompletion's choices."""
+    prompt_tokens = sum(c.pop("prompt_tokens") for c in choices)
+    completion_tokens = sum(c.pop("completion_tokens") for c in choices)
+    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": model, "choices": [dict(c, index=i) for i, c in enumerate(choices)],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+# -------------------------------------------------------------------------------------------------
+# /v1/completions: raw text completion with log-probabilities, the OpenAI legacy semantics that
+# lm-evaluation-harness's `local-completions` model relies on. A prompt (text, or token ids) is scored after an
+# implicit <|bos|> (every training document began with one) unless it already starts with it. With echo, the
+# prompt's tokens come back with the log-probability of each given what precedes it; then max_tokens tokens are
+# sampled (tools off: plain language modelling) and come back with theirs. Log-probabilities are of the model's
+# own distribution (log-softmax of the soft-capped logits), whatever the sampling temperature; the harness sends
+# max_tokens=1, echo, logprobs=1 and sums token_logprobs[ctxlen:-1].
+
+class TextCompletion:
+    """
+    The job (serving.WorkerPool.run) of one /v1/completions request, on one slot of a worker's scheduler and driven
+    by its callbacks, with no thread of its own: each prompt in turn is sampled, then, with logprobs, its whole
+    sequence is scored in one forward on the scheduler thread (BatchScheduler.call). Emits ('end', choices) after
+    the last prompt; cancel() stops it at the scheduler's next step.
+    """
+
+    def __init__(self, worker, prompts, options, emit, done):
+        self.scheduler, self.tok, self.model = worker.scheduler, worker.tokenizer, worker.engine.model
+        self.stop_ids, self.prompts, self.options, self.emit, self.done = worker.engine.stop_ids, prompts, options, emit, done
+        self.choices, self.lock, self.current, self.cancelled = [], threading.Lock(), None, False
+        self.next_prompt()
+
+    def cancel(self):
+        with self.lock:
+            self.cancelled = True
+            if self.current is not None:
+                self.current.cancel()
+
+    def then(self, submit, finish):
+        """Submits the next piece of work (submit(on_event) -> a scheduler Request); finish(its events) follows it."""
+        got = []
+
+        def on_event(event):
+            if event is not None and not isinstance(event, BaseException):
+                return got.append(event)
+            if event is not None or self.cancelled:
+                return self.done(event)
+            try:
+                finish(got)
+            except Exception as e:  # whatever fails ends this request alone, as an internal error
+                self.done(e)
+        with self.lock:
+            if not self.cancelled:
+                self.current = submit(on_event)
+                return
+        self.done(None)
+
+    def next_prompt(self):
+        i, o = len(self.choices), self.options
+        if i == len(self.prompts):
+            self.done(None)
+            return self.emit("end", self.choices)
+        prompt, bos = self.prompts[i], self.tok.get_bos_token_id()
+        context = prompt if prompt[:1] == [bos] else [bos] + prompt
+        seed = (o["seed"] if o["seed"] is not None else 0) + i
+        if o["max_tokens"] == 0:
+            return self.sampled(prompt, context, [])
+        self.then(lambda on_event: self.scheduler.submit(context, max_tokens=o["max_tokens"], temperature=o["temperature"],
+                                                         top_p=o["top_p"], seed=seed, tools=False, on_event=on_event),
+                  lambda steps: self.sampled(prompt, context, [c[0] for c, _ in steps]))
+
+    def sampled(self, prompt, context, tokens):
+        o, tok = self.options, self.tok
+        new = [t for t in tokens if t is not None and t not in self.stop_ids]
+        finish = "stop" if len(new) < o["max_tokens"] else "length"  # fewer tokens than asked: a stop token ended it
+        text = tok.decode(new)
+        for s in o["stop"]:
+            if s in text:
+                text, finish = text[:text.index(s)], "stop"
+                kept = 0  # the tokens kept are the shortest prefix whose text covers the cut text
+                while kept < len(new) and len(tok.decode(new[:kept])) < len(text):
+                    kept += 1
+                new = new[:kept]
+        choice = {"text": (tok.decode(prompt) if o["echo"] else "") + text, "finish_reason": finish,
+                  "prompt_tokens": len(prompt), "completion_tokens": len(new), "logprobs": None}
+        if o["logprobs"] is None:
+            self.choices.append(choice)
+            return self.next_prompt()
+        first = len(context) - len(prompt) if o["echo"] else len(context)  # the first position reported
+
+        def scored(events):
+            choice["logprobs"] = events[0]
+            self.choices.append(choice)
+            self.next_prompt()
+        self.then(lambda on_event: self.scheduler.call(lambda: logprobs(self.model, tok, context + new, first, o["logprobs"]),
+                                                       on_event), scored)
+
+
+def logprobs(model, tokenizer, sequence, first, k):
+    """OpenAI's logprobs object for sequence[first:], each token given what precedes it (one forward over the
+    sequence), with the k likeliest tokens at each position (k = 0: none)."""
+    logits = model(torch.tensor([sequence], dtype=torch.long, device=model.get_device()))[0].float()
+    logp = F.log_softmax(logits, dim=-1)  # logp[i] predicts sequence[i + 1]
+    token_logprobs, top_logprobs = [], []
+    for pos in range(first, len(sequence)):
+        if pos == 0:  # the first token, with nothing before it
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(logp[pos - 1, sequence[pos]].item())
+        top = {}
+        if k > 0:
+            values, indices = logp[pos - 1].topk(k)
+            for v, i in zip(values.tolist(), indices.tolist()):
+                top.setdefault(tokenizer.decode([i]), v)  # two ids may decode alike: keep the likelier
+        top_logprobs.append(top)
+    strings, offsets, at = [tokenizer.decode([t]) for t in sequence[first:]], [], 0
+    for s in strings:
+        offsets.append(at)
+        at += len(s)
+    return {"tokens": strings, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}

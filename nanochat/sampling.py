@@ -1,7 +1,7 @@
 """
 Sampling the next token of many rows at once: per-row temperature, top_k and top_p, and a seeded
 random stream per row (row_rngs), so a row's token never depends on the rows beside it. The Engine
-and continuous batching (engine.BatchScheduler) both sample through sample_next.
+and continuous batching (batching.BatchScheduler) both sample through sample_next.
 
 Whatever the parameters and logits (a temperature of 1e-40, logits with inf or NaN), the id returned is
 inside the vocabulary: in a shared batch one row's bad id would break every row beside it.

@@ -1,5 +1,5 @@
 """
-Continuous batching (engine.BatchScheduler) against the one-request Engine: every request served in a
+Continuous batching (batching.BatchScheduler) against the one-request Engine: every request served in a
 mixed batch (different prompt lengths, arrivals mid-generation, early stops, tool calls, several rows)
 gets the tokens it gets alone; seeded sampling does not depend on the neighbours; a cancelled request
 frees its slots; the cache is allocated once.
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from conftest import shakespeare
-from nanochat import engine as engine_module
-from nanochat.engine import BatchScheduler, Engine
+from nanochat import batching as batching_module
+from nanochat.batching import BatchScheduler
+from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -121,13 +122,13 @@ def test_a_failing_request_ends_alone_and_its_slot_is_reset(tokenizer, monkeypat
     engine = Engine(random_gpt(tokenizer, seed=4), tokenizer, calculator=lambda e: "0")
     ps = prompts(tokenizer)
     want = [alone(engine, p, max_tokens=20, temperature=0) for p in ps]
-    real, bad = engine_module.sample_next, 10**6
+    real, bad = batching_module.sample_next, 10**6
 
     def planted(logits, rngs, temperature=1.0, top_k=None, top_p=None):  # rows sampled at temperature 0.5 get `bad`
         ids = real(logits, rngs, temperature, top_k, top_p)
         temps = temperature if isinstance(temperature, list) else [temperature] * len(ids)
         return torch.tensor([bad if t == 0.5 else i for t, i in zip(temps, ids.tolist())])
-    monkeypatch.setattr(engine_module, "sample_next", planted)
+    monkeypatch.setattr(batching_module, "sample_next", planted)
     scheduler = BatchScheduler(engine, slots=8, max_len=96)
     seen, ends = [], []
 
@@ -264,3 +265,20 @@ def test_a_bf16_weights_replica_batches_like_it_runs_alone(tokenizer):
     assert serving_model(random_gpt(tokenizer, seed=6), torch.bfloat16, "cpu").lm_head.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError):
         serving_model(fp32, "fp8", "cpu")
+
+
+def test_a_call_runs_on_the_scheduler_thread_between_steps(tokenizer):
+    """call(fn): fn runs on the scheduler's own thread (never beside a decode step) and its result is the request's one
+    event; a failing fn ends its call alone, and the requests in flight get the tokens they get alone."""
+    engine = Engine(random_gpt(tokenizer, seed=7), tokenizer, calculator=lambda e: "0")
+    ps = prompts(tokenizer)
+    want = [alone(engine, p, max_tokens=10, temperature=0) for p in ps[:2]]
+    scheduler = BatchScheduler(engine, slots=2, max_len=96)
+    reqs = [scheduler.submit(p, max_tokens=10, temperature=0) for p in ps[:2]]
+    where = scheduler.call(lambda: threading.current_thread().name)
+    broken = scheduler.call(lambda: 1 / 0)
+    assert list(where) == ["nanochat-batch"]
+    with pytest.raises(ZeroDivisionError):
+        list(broken)
+    assert [collect(r) for r in reqs] == want and scheduler.free_slots() == 2
+    scheduler.close()

@@ -251,7 +251,8 @@ def test_a_model_without_hf_equivalent_is_refused(tokenizer, tmp_path):
 
 def test_completions_echo_logprobs_equal_minus_the_loss(tokenizer):
     from fastapi.testclient import TestClient
-    from scripts.chat_web import Worker, create_app
+    from nanochat.serving import Worker
+    from scripts.chat_web import create_app
     model = random_model(tokenizer)
     client = TestClient(create_app([Worker(0, Engine(model, tokenizer), tokenizer)]))
     for text in ("The quick brown fox jumps over the lazy dog.", "日本語 🤖 and code: x = f(y)"):

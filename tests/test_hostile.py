@@ -25,7 +25,8 @@ import torch
 from conftest import REPO_ROOT, shakespeare, wait_for_server
 from nanochat.checkpoint import save_checkpoint
 from nanochat.tokenizer import RustBPETokenizer
-from scripts.chat_web import Limits, create_app
+from nanochat.openai_api import Limits
+from scripts.chat_web import create_app
 from test_web import HELLO, Server, chromium_driver, random_worker, scripted_worker, tokenizer  # noqa: F401 (fixture)
 
 KEY = "k3y-for-the-stub-server"

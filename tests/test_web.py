@@ -17,7 +17,9 @@ from conftest import shakespeare
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
-from scripts.chat_web import Limits, Worker, create_app
+from nanochat.openai_api import Limits
+from nanochat.serving import Worker
+from scripts.chat_web import create_app
 from test_engine import ScriptedModel
 
 
@@ -256,7 +258,7 @@ def test_continuous_batching_serves_each_request_as_if_alone(tokenizer):
 
 def test_a_stop_string_across_pieces_is_never_streamed(tokenizer):
     """Text that could be the start of a stop string is held back until it is known not to be one."""
-    from scripts.chat_web import ReplyStream
+    from nanochat.serving import ReplyStream
     worker = random_worker(tokenizer)
     ranks = tokenizer.get_mergeable_ranks()
     end = tokenizer.encode_special("<|assistant_end|>")
@@ -274,14 +276,9 @@ def test_a_stop_string_across_pieces_is_never_streamed(tokenizer):
         assert events[-1][1]["finish"] == [finish]
 
 
-def test_batched_streams_run_on_the_scheduler_thread_with_usage_and_stop_strings(tokenizer, monkeypatch):
+def test_batched_streams_run_on_the_scheduler_thread_with_usage_and_stop_strings(tokenizer):
     """With batch slots, streamed replies are made on the scheduler's thread (no thread per request): the text,
     the stop-string cut and the usage chunk (stream_options.include_usage) equal the non-streamed answer."""
-    import scripts.chat_web as chat_web
-
-    def no_thread(*args, **kwargs):
-        raise AssertionError("a batched request went through a thread of its own")
-    monkeypatch.setattr(chat_web, "generate_in_thread", no_thread)
     worker = random_worker(tokenizer, 0, slots=4)
 
     def stream(body):
@@ -429,3 +426,57 @@ def test_server_errors_are_shown_on_the_page(tokenizer):
             assert "the limit is 10" in driver.find_element(By.CSS_SELECTOR, ".msg.error .bubble").text
     finally:
         driver.quit()
+
+
+def test_list_style_content_as_openai_clients_send_it(tokenizer):
+    """Contents as [{"type": "text", "text": ...}] (OpenAI clients, vLLM's warm-up) are the joined text; an assistant
+    turn may hold its tool calls as python / python_output parts; any other part is a clear 400."""
+    client = TestClient(create_app([random_worker(tokenizer)]))
+    plain = chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
+                 max_tokens=6, temperature=0)
+    parts = chat([{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                  {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}],
+                 max_tokens=6, temperature=0)
+    want = client.post("/v1/chat/completions", json=plain).json()
+    got = client.post("/v1/chat/completions", json=parts).json()
+    assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
+    tool_turn = [{"role": "user", "content": "1+2?"},
+                 {"role": "assistant", "content": [{"type": "python", "text": "1+2"}, {"type": "python_output", "text": "3"},
+                                                   {"type": "text", "text": "3."}]},
+                 {"role": "user", "content": [{"type": "text", "text": "Thanks"}]}]
+    assert client.post("/v1/chat/completions", json=chat(tool_turn, max_tokens=2)).status_code == 200
+    for content, needle in [([{"type": "image_url", "image_url": {"url": "http://x/y.png"}}], "got type 'image_url'"),
+                            ([{"type": "python", "text": "1+2"}], "got type 'python'"),  # only an assistant's
+                            ([{"type": "text", "text": 5}], "content part 0 must be"),
+                            ([], "string 'content'"), ([{"type": "text", "text": "x" * 9000}], "the limit is 8000")]:
+        r = client.post("/v1/chat/completions", json=chat([{"role": "user", "content": content}]))
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_one_slot_serves_every_feature_through_the_scheduler(tokenizer):
+    """--batch-slots 1 is a pool of one slot: seeds reproduce, n samples, the calculator and /v1/completions all work
+    there, and give what a worker of 4 slots gives."""
+    sp = tokenizer.encode_special
+    ranks = tokenizer.get_mergeable_ranks()
+    head = [sp("<|python_start|>")] + [ranks[bytes([b])] for b in b"1+2"] + [sp("<|python_end|>")]
+    tail = [ranks[bytes([b])] for b in b" so 3."] + [sp("<|assistant_end|>")]
+    seen = []
+    tool = Worker(0, Engine(ScriptedModel(tokenizer.get_vocab_size(), head, tail, sp("<|output_end|>")), tokenizer,
+                            calculator=lambda e: seen.append(e) or "3"), tokenizer)
+    r = TestClient(create_app([tool])).post("/v1/chat/completions", json=chat(HELLO, temperature=0)).json()
+    assert seen == ["1+2"] and r["choices"][0]["message"]["content"] == "1+23 so 3."  # the tool's output is forced in
+    answers = []
+    for slots in (1, 4):
+        client = TestClient(create_app([random_worker(tokenizer, slots=slots)]))
+        sampled = [client.post("/v1/chat/completions", json=chat(HELLO, n=3, max_tokens=8, seed=5)).json() for _ in range(2)]
+        assert sampled[0]["choices"] == sampled[1]["choices"] and len(sampled[0]["choices"]) == 3
+        body = {"prompt": ["To be", tokenizer.encode("or not")], "max_tokens": 4, "logprobs": 2, "temperature": 0}
+        completion = client.post("/v1/completions", json=body).json()
+        for choice in completion["choices"]:
+            lp = choice["logprobs"]
+            assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
+            assert all(len(top) <= 2 and max(top.values()) >= value for top, value in zip(lp["top_logprobs"], lp["token_logprobs"]))
+        echo = client.post("/v1/completions", json={"prompt": "To be", "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+        assert echo["choices"][0]["text"] == "To be" and echo["usage"]["completion_tokens"] == 0
+        answers.append((sampled[0]["choices"], completion["choices"], echo["choices"]))
+    assert answers[0] == answers[1]
