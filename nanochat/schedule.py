@@ -170,7 +170,7 @@ def add_recipe_args(p):
     p.add_argument("--momentum", type=float, nargs=3, default=[0.85, 0.97, 400], metavar=("START", "PEAK", "STEPS"),
                    help="Muon's momentum: ramped from START to PEAK over STEPS steps (2026: 0.85 -> 0.97 over 400)")
     p.add_argument("--momentum-warmdown", type=float, default=0.90,  # 2026: 0.90
-                   help="Muon's momentum moves linearly to this value during the LR warmdown (None: stays at PEAK)")
+                   help="Muon's momentum moves linearly to this value during the LR warmdown (PEAK: it stays there)")
     p.add_argument("--warmup-steps", type=int, default=40,  # 2026: ~40 steps
                    help="steps of linear LR warmup (fewer when the run is too short for it and the warmdown)")
     p.add_argument("--warmdown-ratio", type=float, default=0.65, help="share of steps of linear LR warmdown (2026: 0.65)")
