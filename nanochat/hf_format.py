@@ -41,18 +41,19 @@ class NotExportable(ValueError):
 # -------------------------------------------------------------------------------------------------
 # weights
 
+def shape_fields(config):
+    """The config.json fields that give the network's shape, named as transformers and mlx_lm both read them."""
+    return {"model_type": "nanochat", "vocab_size": config.vocab_size, "hidden_size": config.n_embd,
+            "intermediate_size": 4 * config.n_embd, "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
+            "max_position_embeddings": config.sequence_len}
+
+
 def hf_config(config, tokenizer):
     bos = tokenizer.get_bos_token_id()
     return {
         "architectures": ["NanoChatForCausalLM"],
-        "model_type": "nanochat",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd,
-        "intermediate_size": 4 * config.n_embd,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head,
-        "max_position_embeddings": config.sequence_len,
+        **shape_fields(config),
         "hidden_act": "relu2",
         "rms_norm_eps": RMS_NORM_EPS,
         "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
@@ -155,14 +156,7 @@ def mlx_config(config, tokenizer):
     """
     bos = tokenizer.get_bos_token_id()
     return {
-        "model_type": "nanochat",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd,
-        "intermediate_size": 4 * config.n_embd,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head,
-        "max_position_embeddings": config.sequence_len,
+        **shape_fields(config),
         "rope_theta": ROPE_THETA,
         "bos_token_id": bos,
         "eos_token_id": [tokenizer.encode_special("<|assistant_end|>"), bos],
