@@ -23,7 +23,7 @@ import time
 
 from bench import REPO_ROOT, data_dir
 
-CLASSIC = ["--orthogonalize", "newton_schulz", "--normuon-beta2", "0", "--muon-weight-decay", "0", "--weight-decay", "0",
+CLASSIC = ["--orthogonalize", "newton_schulz", "--normuon-beta2", "0", "--muon-weight-decay", "0",
            "--weight-decay-schedule", "constant", "--momentum", "0.85", "0.95", "300", "--momentum-warmdown", "0.95", "--warmup-steps", "0",
            "--warmdown-ratio", "0.2", "--final-lr-frac", "0"]
 # each 2026 piece, as flags on top of classic (the values named in issue 21: nanochat's and the papers')

@@ -153,9 +153,7 @@ def add_recipe_args(p):
         name = group.replace("unembedding", "lm_head")
         p.add_argument(f"--{group}-betas", type=float, nargs=2, default=[0.8, 0.95], metavar=("BETA1", "BETA2"),
                        help=f"AdamW betas of the {name}")
-        p.add_argument(f"--{group}-weight-decay", type=float, default=None,
-                       help=f"AdamW weight decay of the {name} (None: --weight-decay)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of both groups")
+        p.add_argument(f"--{group}-weight-decay", type=float, default=0.0, help=f"AdamW weight decay of the {name}")
     p.add_argument("--muon-weight-decay", type=float, default=0.2,  # 2026: 0.2 at d12 (arXiv 2510.12402's decay)
                    help="Muon's decoupled weight decay (block matrices); with the batch rule, the value at depth 12, "
                         "scaled to this run (batch_weight_decay_scale)")

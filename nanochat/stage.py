@@ -93,13 +93,19 @@ def load_stage_model(args, stage, device):
     return model, tokenizer, meta, os.path.join(get_base_dir(), SOURCES[stage], out_tag)
 
 
-def optimizer_recipe(lrs, orthogonalize="newton_schulz", normuon_beta2=None, adam_betas=(0.8, 0.95)):
-    """What a checkpoint records of how it was trained, for the stages after it: the peak LRs (after width and batch
-    scaling) and the optimizers' settings. adam_betas: one pair, or a pair per AdamW group ({'embedding', 'lm_head'})."""
+def betas_per_group(adam_betas):
+    """{'embedding': [b1, b2], 'lm_head': [b1, b2]} from a pair per group, or from one pair for both (recipes
+    recorded before the groups had their own)."""
     if not isinstance(adam_betas, dict):
         adam_betas = {"embedding": adam_betas, "lm_head": adam_betas}
+    return {name: list(betas) for name, betas in adam_betas.items()}
+
+
+def optimizer_recipe(lrs, orthogonalize="newton_schulz", normuon_beta2=None, adam_betas=(0.8, 0.95)):
+    """What a checkpoint records of how it was trained, for the stages after it: the peak LRs (after width and batch
+    scaling) and the optimizers' settings (adam_betas: see betas_per_group)."""
     return {"lrs": dict(lrs), "orthogonalize": orthogonalize, "normuon_beta2": normuon_beta2,
-            "adam_betas": {name: list(betas) for name, betas in adam_betas.items()}}
+            "adam_betas": betas_per_group(adam_betas)}
 
 
 def stage_optimizers(model, args, dtype, meta):
@@ -113,7 +119,7 @@ def stage_optimizers(model, args, dtype, meta):
     given = {"matrix": args.matrix_lr, "embedding": args.embedding_lr, "lm_head": args.unembedding_lr}
     flagged = peak_lrs(model.config.n_embd, *(v or 0.0 for v in given.values()))
     recipe = dict(recipe, lrs={k: flagged[k] if v is not None else recipe["lrs"][k] for k, v in given.items()},
-                  adam_betas=optimizer_recipe({}, adam_betas=recipe["adam_betas"])["adam_betas"])  # one pair: older
+                  adam_betas=betas_per_group(recipe["adam_betas"]))
     optimizers = model.setup_optimizers({k: v * args.init_lr_frac for k, v in recipe["lrs"].items()},
                                         adam_betas=recipe["adam_betas"], ns_dtype=dtype,
                                         orthogonalize=recipe["orthogonalize"], beta2=recipe["normuon_beta2"])
@@ -209,17 +215,6 @@ def resume_run(state_class, checkpoint_dir, model, optimizers, args, same_flags,
     return state_class.from_dict(meta["loop"]), dataloader_state
 
 
-def _state_fits(tensor, param, world_size):
-    """Whether a saved per-parameter state tensor has a shape this rank's optimizer keeps for `param`: the whole
-    parameter, its AdamW shard along dim 0, a NorMuon per-row / per-column second moment, or a scalar (a step count)."""
-    shape = tuple(tensor.shape)
-    if shape in ((), tuple(param.shape)):
-        return True
-    if shape == (param.size(0) // world_size, *param.shape[1:]):
-        return param.size(0) % world_size == 0
-    return param.ndim == 2 and shape in ((param.size(0), 1), (1, param.size(1)))
-
-
 def load_optimizer_moments(optimizers, args, meta, device, rank, world_size):
     """
     A warm start from the input checkpoint's optimizer state (meta: the checkpoint load_stage_model loaded): this
@@ -245,16 +240,8 @@ def load_optimizer_moments(optimizers, args, meta, device, rank, world_size):
     if saved_layout != layout:
         raise SystemExit(f"error: the optimizer state of {where} has groups of {saved_layout} parameters, this "
                          f"model's optimizers {layout}; drop --load-optimizer")
-    for opt, s in zip(optimizers, saved):
-        params = [p for g in opt.param_groups for p in g["params"]]
-        for index, per_param in s["state"].items():
-            bad = [k for k, v in per_param.items()
-                   if torch.is_tensor(v) and not _state_fits(v, params[index], world_size)]
-            if bad:
-                raise SystemExit(f"error: the optimizer state of {where} holds {bad[0]} of shape "
-                                 f"{tuple(per_param[bad[0]].shape)} for a parameter of shape "
-                                 f"{tuple(params[index].shape)}; drop --load-optimizer")
-        # torch maps the state by position and casts it to each parameter's device; the groups given are our own
+    for opt, s in zip(optimizers, saved):  # the model is the checkpoint's own, so with the same ranks and groups
+        # every state tensor fits its parameter; torch maps the state by position and casts it to each parameter's device; the groups given are our own
         opt.load_state_dict({"state": s["state"], "param_groups": opt.state_dict()["param_groups"]})
     print0(f"optimizer state from {where} (moments only; LRs are this stage's)")
 

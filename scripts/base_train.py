@@ -256,9 +256,8 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------------------------------
     # optimizers, data, and the state a resume restores
-    adam_decay = {"embedding": args.embedding_weight_decay, "lm_head": args.unembedding_weight_decay}
-    optimizers = model.setup_optimizers(lrs, weight_decay={k: args.weight_decay if v is None else v
-                                                           for k, v in adam_decay.items()},
+    optimizers = model.setup_optimizers(lrs, weight_decay={"embedding": args.embedding_weight_decay,
+                                                           "lm_head": args.unembedding_weight_decay},
                                         adam_betas=adam_betas, muon_weight_decay=muon_weight_decay,
                                         ns_dtype=dtype,  # bf16 runs orthogonalise in bf16 too
                                         orthogonalize=args.orthogonalize, beta2=args.normuon_beta2 or None,

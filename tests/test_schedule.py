@@ -48,12 +48,18 @@ def test_a_schedule_that_does_not_fit_is_refused():
             Schedule(**bad)
 
 
-def test_peaks_per_group_and_apply_sets_what_the_optimizers_read():
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=192))
+def random_model(n_layer, n_embd):
+    """A small GPT, re-randomised: zero-initialised projections would get no gradient."""
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=n_embd))
     model.init_weights()
     with torch.no_grad():
-        for p in model.parameters():  # zero-initialised projections would get no gradient
+        for p in model.parameters():
             p.normal_(0, 0.3)
+    return model
+
+
+def test_peaks_per_group_and_apply_sets_what_the_optimizers_read():
+    model = random_model(2, 192)
     lrs = peak_lrs(192, matrix_lr=0.03, embedding_lr=0.3, unembedding_lr=0.006, share=0.5)
     width = math.sqrt(REFERENCE_WIDTH / 192)  # 2: AdamW LRs grow as the model narrows
     assert lrs == pytest.approx({"matrix": 0.015, "embedding": 0.15 * width, "lm_head": 0.003 * width})
@@ -117,11 +123,7 @@ def test_the_weight_decay_rule_keeps_the_time_scale():
 def test_adamw_groups_have_their_own_betas_and_decay():
     """setup_optimizers with a pair per group: each group steps as torch's AdamW with its own betas and decay."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=128))
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
+    model = random_model(1, 128)
     assert model.num_scaling_params() == model.num_params() - 64 * 128  # blocks + lm_head, not the embedding
     betas = {"embedding": (0.7, 0.99), "lm_head": (0.9, 0.9)}
     decay = {"embedding": 0.0, "lm_head": 0.3}
