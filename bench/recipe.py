@@ -8,12 +8,18 @@ against classic, tokens/s and wall-clock.
 
     python -m bench.recipe                                     # depths 4 and 6, 3 seeds, 300 steps
     python -m bench.recipe --depths 4 --seeds 1 --steps 100 --recipes classic all   # a quick look
+    python -m bench.recipe --jobs 2            # two runs at once, one thread each (more runs per hour)
+    python -m bench.recipe --speed             # tokens/s only: each recipe in turn, alone, short runs
+
+With --jobs > 1 the runs share the CPU, so their tokens/s are not comparable; the table's tokens/s
+column comes from the --speed pass when one was made (quiet, one run at a time, recipes alternated).
 
 Data: the Gutenberg + WikiText-2 text of the full local copy ($NANOCHAT_LOCAL_DATA or ../shared/data),
 shards and an 8192-token tokenizer built once into --work-dir (kept, so reruns skip it).
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -81,15 +87,29 @@ def run(name, flags, depth, seed, ns, env):
     if os.path.exists(metrics):
         os.remove(metrics)
     t0 = time.time()
+    if ns.jobs > 1:  # each run gets its share of the cores; val bpb does not depend on it beyond rounding
+        env = dict(env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ns.jobs)))
     py(argv, env, log=os.path.join(ns.work_dir, f"{tag}.log"))
     with open(metrics) as f:
         records = [json.loads(line) for line in f]
     steps = [r for r in records if "tokens_per_s" in r][5:]  # past the first steps' warm-up
     result = {"val_bpb": [r["val_bpb"] for r in records if "val_bpb" in r][-1], "wall_s": time.time() - t0,
-              "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else float("nan")}
+              "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else float("nan"),
+              "jobs": ns.jobs}
     with open(saved, "w") as f:
         json.dump({"argv": argv, "result": result}, f)
     return result
+
+
+def speed(names, depth, ns, env, steps=30, rounds=2):
+    """Median tokens/s of each recipe over `rounds` short runs, recipes alternated, one run at a time (all cores):
+    what the optimizer pieces cost per token, free of other runs sharing the CPU."""
+    samples = {name: [] for name in names}
+    quick = argparse.Namespace(**{**vars(ns), "steps": steps, "fresh": True, "jobs": 1})
+    for _ in range(rounds):
+        for name in names:
+            samples[name].append(run(name, recipes()[name], depth, 0, quick, env)["tokens_per_s"])
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def main():
@@ -103,7 +123,11 @@ def main():
     p.add_argument("--recipes", nargs="+", default=list(all_recipes), choices=list(all_recipes))
     p.add_argument("--work-dir", default=os.path.join(REPO_ROOT, ".bench_recipe"), help="shards, tokenizer, runs")
     p.add_argument("--fresh", action="store_true", help="rerun runs whose results are already in --work-dir")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, the cores shared between them")
+    p.add_argument("--speed", action="store_true", help="also measure tokens/s alone per recipe (short quiet runs)")
     ns = p.parse_args()
+    if ns.jobs < 1:
+        p.error("--jobs must be >= 1")
     os.makedirs(ns.work_dir, exist_ok=True)
     env = dict(os.environ, NANOCHAT_BASE_DIR=ns.work_dir)
     prepare(ns.work_dir, env)
@@ -111,21 +135,29 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; seq {ns.seq}, {ns.batch_tokens} tokens/step, "
           f"{ns.steps} steps, fp32; seeds 1..{ns.seeds}", flush=True)
     results = {}
-    for depth in ns.depths:
-        for name in ns.recipes:
-            for seed in range(1, ns.seeds + 1):
-                r = results[(depth, name, seed)] = run(name, all_recipes[name], depth, seed, ns, env)
-                print(f"  d{depth} {name:14s} seed {seed}: val bpb {r['val_bpb']:.4f}, {r['tokens_per_s']:,.0f} tok/s, "
-                      f"{r['wall_s']:.0f} s{' (an earlier run)' if r.get('cached') else ''}", flush=True)
+    todo = [(depth, name, seed) for depth in ns.depths for name in ns.recipes for seed in range(1, ns.seeds + 1)]
+
+    def one(key):
+        depth, name, seed = key
+        r = results[key] = run(name, all_recipes[name], depth, seed, ns, env)
+        print(f"  d{depth} {name:14s} seed {seed}: val bpb {r['val_bpb']:.4f}, {r['tokens_per_s']:,.0f} tok/s, "
+              f"{r['wall_s']:.0f} s{' (an earlier run)' if r.get('cached') else ''}", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(ns.jobs) as pool:
+        for f in [pool.submit(one, key) for key in todo]:
+            f.result()
+    alone = {depth: speed(ns.recipes, depth, ns, env) for depth in ns.depths} if ns.speed else None
     print()
+    print("tokens/s: " + ("alone, short runs alternated (--speed)" if alone else
+                          f"median of each run's steps ({ns.jobs} run(s) at once; comparable only with --jobs 1)"))
     print("| depth | recipe | val bpb (mean of seeds) | spread (max - min) | vs classic | tokens/s | vs classic | wall s |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for depth in ns.depths:
         def summary(name):
             runs = [results[(depth, name, s)] for s in range(1, ns.seeds + 1)]
             bpb = [r["val_bpb"] for r in runs]
-            return (statistics.mean(bpb), max(bpb) - min(bpb), statistics.mean(r["tokens_per_s"] for r in runs),
-                    statistics.mean(r["wall_s"] for r in runs))
+            tps = alone[depth][name] if alone else statistics.mean(r["tokens_per_s"] for r in runs)
+            return statistics.mean(bpb), max(bpb) - min(bpb), tps, statistics.mean(r["wall_s"] for r in runs)
         base = summary("classic") if "classic" in ns.recipes else None
         for name in ns.recipes:
             bpb, spread, tps, wall = summary(name)
