@@ -2,7 +2,7 @@
 The GPU check: one prepared script that runs the CUDA paths of the pipeline in a few minutes and
 says, row by row, what agreed, what it measured and what failed.
 
-    python -m bench.gpu                       # on a CUDA machine: every check, ~5 minutes on one H100/H200
+    python -m bench.gpu                       # on a CUDA machine: every check, ~8 minutes on one H100/H200
     python -m bench.gpu --device cpu --tiny   # the same logic in seconds on a CPU (the test suite runs this)
     python -m bench.gpu --checks reference,compile --out /tmp/gpu_out
 
@@ -14,8 +14,13 @@ vs the dry run's estimate, tokens/s, MFU against the H100 bf16 dense peak (989 T
 dense bf16 peak is the same). (4) decode at d20 (the model + KVCache step the Engine runs): tok/s at
 batch 1 and 8, prefill tok/s, KV-cache memory; and the serving path, continuous batching's static
 decode step (BatchScheduler, compiled with CUDA graphs on a GPU) with 1 and 8 requests. (5) `torchrun --standalone --nproc_per_node=1` through
-the real scripts.base_train (NCCL on a GPU, gloo on a CPU), so the optimizers' collectives run.
---tiny shrinks every size (depth 2, short rows) but runs the same code. Writes OUT/gpu_check.md and
+the real scripts.base_train (NCCL on a GPU, gloo on a CPU), so the optimizers' collectives run. (6) --fp8
+(nanochat/fp8.py) at d12 (seq 2048, device batch 16, the fixture tokenizer's vocabulary, real text from
+tests/data): 20 compiled steps in bf16 and 20 in fp8 from the same init on the same batches: the loss gap
+(mean of the last 5 steps), tokens/s of each and their ratio, peak memory, graph breaks; on a device
+without fp8 (compute capability < 8.9) one row says it was skipped and why, which is not a failure.
+--tiny shrinks every size (depth 2, short rows) but runs the same code (the fp8 check on a CPU through
+fp8's allow_cpu switch, fp8 against fp32, eager). Writes OUT/gpu_check.md and
 OUT/gpu_check.json; exits 1 when a check fails. Needs torch, numpy, tiktoken, pyarrow, safetensors
 and this repository's pure-Python packages: no rustbpe (the tokenizer comes from bench/fixtures).
 """
@@ -34,8 +39,9 @@ import time
 import torch
 
 from nanochat.batching import BatchScheduler
-from nanochat.common import GPU_BF16_PEAK, autocast_ctx, measure_matmul_peak
+from nanochat.common import GPU_BF16_PEAK, autocast_ctx, measure_matmul_peak, open_text
 from nanochat.engine import Engine, KVCache
+from nanochat.fp8 import enable_fp8, fp8_unsupported_reason
 from nanochat.gpt import GPT, GPTConfig, config_for_depth
 from nanochat.tokenizer import RustBPETokenizer
 from nanochat.training import train_step
@@ -43,10 +49,13 @@ from nanochat.training import train_step
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_TOKENIZER = os.path.join(REPO_ROOT, "bench", "fixtures", "tokenizer")
 PRETRAIN_TEXT = os.path.join(REPO_ROOT, "tests", "data", "pretrain")
-CHECKS = ["reference", "compile", "d20", "decode", "torchrun"]
+CHECKS = ["reference", "compile", "d20", "decode", "torchrun", "fp8"]
 # tolerances, each a relative error (max |a - b| / max |b|) unless named abs: fp32 on two devices differs
 # only by summation order; bf16 keeps 8 bits of mantissa, so its loss moves in the 2nd-3rd digit
-TOL = {"logits": 1e-4, "loss_abs": 1e-4, "grad": 1e-3, "step": 1e-3, "bf16_loss_abs": 0.05, "compile_loss_abs": 5e-3}
+TOL = {"logits": 1e-4, "loss_abs": 1e-4, "grad": 1e-3, "step": 1e-3, "bf16_loss_abs": 0.05, "compile_loss_abs": 5e-3,
+       # fp8 rounds each block matmul's operands by up to 2^-4 (x, W) and 2^-3 (gradients); after 20 steps of real
+       # text the two runs' losses (mean of the last 5 steps, ~5 nats) should agree to ~1%, as published recipes report
+       "fp8_loss_abs": 0.1}
 H100_BF16 = GPU_BF16_PEAK["h100"]
 H200_BF16 = GPU_BF16_PEAK["h200"]
 CARD_BYTES = 80e9  # behave as an 80 GB card
@@ -304,6 +313,94 @@ def check_torchrun(device, tiny, rows):
         shutil.rmtree(base, ignore_errors=True)
 
 
+def text_tokens(tokenizer, device):
+    """Real text (Shakespeare and two Gutenberg books from tests/data) as one token stream on the device."""
+    paths = [os.path.join(PRETRAIN_TEXT, "tinyshakespeare", "input.txt.gz"),
+             os.path.join(PRETRAIN_TEXT, "gutenberg", "1342-0.txt.gz"), os.path.join(PRETRAIN_TEXT, "gutenberg", "pg42.txt.gz")]
+    texts = []
+    for path in paths:
+        with open_text(path) as f:
+            texts.append(f.read())
+    return torch.tensor([t for ids in tokenizer.encode(texts) for t in ids], dtype=torch.long, device=device)
+
+
+def check_fp8(device, tiny, rows):
+    """--fp8 against the ordinary precision: the same init, the same real-text batches, 20 steps each (compiled on
+    CUDA). Skipped, with the reason, on a device without fp8 tensor cores; --tiny on a CPU runs the same code through
+    allow_cpu (torch's CPU _scaled_mm is a slow reference loop, so the shapes are tiny there)."""
+    from torch._dynamo.utils import counters
+    reason = fp8_unsupported_reason(device, allow_cpu=tiny)
+    if reason:
+        rows.append(row("fp8: skipped (not a failure)", None, None, note=reason))
+        return
+    cuda = device.type == "cuda"
+    tokenizer = RustBPETokenizer.from_directory(FIXTURE_TOKENIZER)
+    vocab = tokenizer.get_vocab_size()
+    if tiny:  # head_dim 16: every width a multiple of 16, as _scaled_mm needs
+        config, batch, steps = GPTConfig(sequence_len=16, vocab_size=vocab, n_layer=2, n_head=2, n_kv_head=2, n_embd=32), 2, 4
+    else:
+        config, batch, steps = config_for_depth(12, vocab, 2048), 16, 20
+    seq = config.sequence_len
+    tokens = text_tokens(tokenizer, device)
+    need = steps * batch * seq + 1
+    tokens = tokens.repeat(need // tokens.numel() + 1)[:need]  # the text wraps around when a run needs more
+    inputs, targets = tokens[:-1].view(steps, batch, seq), tokens[1:].view(steps, batch, seq)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    dtype = torch.bfloat16 if cuda else torch.float32
+    autocast = autocast_ctx(device.type, dtype)
+    base = "bf16" if cuda else "fp32"
+    warmup = 2  # compilation, allocator, kernels: not timed
+    results = {}
+    for mode in (base, "fp8"):
+        model.load_state_dict(init)
+        if mode == "fp8":
+            enable_fp8(model, allow_cpu=tiny)
+        torch._dynamo.reset()
+        counters.clear()
+        runner = torch.compile(model, dynamic=False) if cuda else model
+        optimizers = model.setup_optimizers()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        losses = []
+        for step in range(steps):
+            if step == warmup:
+                sync(device)
+                t0 = time.perf_counter()
+            loss, _ = train_step(runner, optimizers, [(inputs[step], targets[step])], autocast)
+            losses.append(loss)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        results[mode] = {"losses": losses, "tokens_per_s": (steps - warmup) * batch * seq / seconds,
+                         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                         "graph_breaks": sum(counters["graph_break"].values())}
+        del runner, optimizers
+    last = min(5, steps)
+    mean = {mode: sum(r["losses"][-last:]) / last for mode, r in results.items()}
+    label = f"fp8 d{config.n_layer}"
+    rows.append(row(f"{label}: loss after {steps} steps, fp8 vs {base} (abs, mean of last {last})",
+                    abs(mean["fp8"] - mean[base]), TOL["fp8_loss_abs"],
+                    note=f"fp8 {mean['fp8']:.4f}, {base} {mean[base]:.4f} (first step {results[base]['losses'][0]:.4f})"))
+    for mode, r in results.items():
+        memory = f"; peak memory {r['peak_gib']:.1f} GiB" if cuda else ""
+        rows.append(row(f"{label} train {mode}: tokens/s", r["tokens_per_s"], None,
+                        note=f"{steps - warmup} timed steps x {batch} x {seq} tokens"
+                             f"{', compiled' if cuda else ', eager'}{memory}"))
+    rows.append(row(f"{label} train: fp8 / {base} tokens/s", results["fp8"]["tokens_per_s"] / results[base]["tokens_per_s"],
+                    None, note="speed-up of the block linears in fp8" if cuda else
+                    "on a CPU fp8 is torch's slow reference kernel: only the logic is checked here"))
+    if cuda:
+        rows.append(row(f"{label}: graph breaks with fp8 (compiled)", results["fp8"]["graph_breaks"], 0))
+    del model, init
+    if cuda:
+        torch.cuda.empty_cache()
+
+
 def first_error(text):
     """The first 'SomethingError: ...' line of a traceback (torchrun prints its own summary after it)."""
     m = re.search(r"^\w*(?:Error|Exception|Exit)\b.*$", text, re.M)
@@ -358,7 +455,7 @@ def main(argv=None):
             "checks": checks}
     rows = []
     functions = {"reference": check_reference, "compile": check_compile, "d20": check_d20, "decode": check_decode,
-                 "torchrun": check_torchrun}
+                 "torchrun": check_torchrun, "fp8": check_fp8}
     for name in checks:
         t0 = time.perf_counter()
         try:
