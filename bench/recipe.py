@@ -10,6 +10,7 @@ against classic, tokens/s and wall-clock.
     python -m bench.recipe --depths 4 --seeds 1 --steps 100 --recipes classic all   # a quick look
     python -m bench.recipe --jobs 2            # two runs at once, one thread each (more runs per hour)
     python -m bench.recipe --speed             # tokens/s only: each recipe in turn, alone, short runs
+    python -m bench.recipe --suite architecture   # issue 22: each architecture addition on top of the 2026 recipe
 
 With --jobs > 1 the runs share the CPU, so their tokens/s are not comparable; the table's tokens/s
 column comes from the --speed pass when one was made (quiet, one run at a time, recipes alternated).
@@ -42,21 +43,53 @@ PIECES = {
 }
 
 
+# issue 22's architecture additions, each as flags on top of the 2026 recipe ("all"; gpt.add_architecture_args)
+ADDITIONS = {
+    "value_embeds": ["--value-embeds"],  # ResFormer's value residual (arXiv 2410.17897), modded-nanogpt's form
+    "resid_mix": ["--resid-mix"],  # learnable residual / x0 mixing per layer
+    "smear": ["--smear"],  # the previous token's embedding gated in
+    "backout": ["--backout"],  # a learnable share of the mid-depth residual subtracted before the final norm
+    "qk_scale": ["--qk-scale", "1.2"],  # attention logits x1.44 after QK-norm
+    "rope_base": ["--rope-base", "100000"],
+    "windows": ["--window-pattern", "SSSL"],  # short window = a quarter of the context, the last layer full
+}
+SUITES = {"recipe": "issue 21: classic vs each 2026 optimizer/schedule piece vs all of them",
+          "architecture": "issue 22: the 2026 recipe (all) vs each architecture addition on top vs all of them"}
+
+
 def recipes():
     out = {"classic": CLASSIC}
     out.update({name: CLASSIC + flags for name, flags in PIECES.items()})
     out["all"] = CLASSIC + [f for flags in PIECES.values() for f in flags]  # later flags win in argparse
+    out.update({f"arch_{name}": out["all"] + flags for name, flags in ADDITIONS.items()})
+    out["arch_all"] = out["all"] + [f for flags in ADDITIONS.values() for f in flags]
     return out
+
+
+def suite_recipes(suite):
+    """The recipes a suite compares, its baseline first."""
+    names = list(recipes())
+    return names[:names.index("all") + 1] if suite == "recipe" else ["all"] + [n for n in names if n.startswith("arch_")]
 
 
 def py(argv, env, log=None):
     r = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    if log:
-        with open(log, "w") as f:
-            f.write(r.stdout + r.stderr)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     return r.stdout
+
+
+def py_logged(argv, env, log):
+    """Runs `python argv` with its output in `log`; returns its peak resident memory in MiB (this child's own,
+    from wait4, so runs side by side do not mix)."""
+    with open(log, "w") as f:
+        child = subprocess.Popen([sys.executable, *argv], cwd=REPO_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    if child.returncode != 0:
+        with open(log) as f:
+            raise RuntimeError(f"{' '.join(argv[:3])} failed (see {log}):\n{f.read()[-3000:]}")
+    return usage.ru_maxrss / 1024  # KiB on Linux
 
 
 def prepare(work, env):
@@ -89,13 +122,13 @@ def run(name, flags, depth, seed, ns, env):
     t0 = time.time()
     if ns.jobs > 1:  # each run gets its share of the cores; val bpb does not depend on it beyond rounding
         env = dict(env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ns.jobs)))
-    py(argv, env, log=os.path.join(ns.work_dir, f"{tag}.log"))
+    peak_mib = py_logged(argv, env, os.path.join(ns.work_dir, f"{tag}.log"))
     with open(metrics) as f:
         records = [json.loads(line) for line in f]
     steps = [r for r in records if "tokens_per_s" in r][5:]  # past the first steps' warm-up
     result = {"val_bpb": [r["val_bpb"] for r in records if "val_bpb" in r][-1], "wall_s": time.time() - t0,
               "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else float("nan"),
-              "jobs": ns.jobs}
+              "jobs": ns.jobs, "peak_rss_mib": peak_mib}
     with open(saved, "w") as f:
         json.dump({"argv": argv, "result": result}, f)
     return result
@@ -120,7 +153,9 @@ def main():
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per step")
-    p.add_argument("--recipes", nargs="+", default=list(all_recipes), choices=list(all_recipes))
+    p.add_argument("--suite", default="recipe", choices=list(SUITES), help="; ".join(f"{k}: {v}" for k, v in SUITES.items()))
+    p.add_argument("--recipes", nargs="+", choices=list(all_recipes), help="these recipes (default: the suite's; "
+                   "the first is the baseline)")
     p.add_argument("--work-dir", default=os.path.join(REPO_ROOT, ".bench_recipe"), help="shards, tokenizer, runs")
     p.add_argument("--fresh", action="store_true", help="rerun runs whose results are already in --work-dir")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, the cores shared between them")
@@ -128,6 +163,7 @@ def main():
     ns = p.parse_args()
     if ns.jobs < 1:
         p.error("--jobs must be >= 1")
+    ns.recipes = ns.recipes or suite_recipes(ns.suite)
     os.makedirs(ns.work_dir, exist_ok=True)
     env = dict(os.environ, NANOCHAT_BASE_DIR=ns.work_dir)
     prepare(ns.work_dir, env)
@@ -150,20 +186,23 @@ def main():
     print()
     print("tokens/s: " + ("alone, short runs alternated (--speed)" if alone else
                           f"median of each run's steps ({ns.jobs} run(s) at once; comparable only with --jobs 1)"))
-    print("| depth | recipe | val bpb (mean of seeds) | spread (max - min) | vs classic | tokens/s | vs classic | wall s |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    baseline = ns.recipes[0]
+    print(f"| depth | recipe | val bpb (mean of seeds) | spread (max - min) | vs {baseline} | tokens/s | vs {baseline} "
+          f"| peak RSS MiB | wall s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for depth in ns.depths:
         def summary(name):
             runs = [results[(depth, name, s)] for s in range(1, ns.seeds + 1)]
             bpb = [r["val_bpb"] for r in runs]
             tps = alone[depth][name] if alone else statistics.mean(r["tokens_per_s"] for r in runs)
-            return statistics.mean(bpb), max(bpb) - min(bpb), tps, statistics.mean(r["wall_s"] for r in runs)
-        base = summary("classic") if "classic" in ns.recipes else None
+            peaks = [r["peak_rss_mib"] for r in runs if "peak_rss_mib" in r]  # runs before it was recorded have none
+            return (statistics.mean(bpb), max(bpb) - min(bpb), tps, f"{max(peaks):,.0f}" if peaks else "-",
+                    statistics.mean(r["wall_s"] for r in runs))
+        base = summary(baseline)
         for name in ns.recipes:
-            bpb, spread, tps, wall = summary(name)
-            d_bpb = f"{bpb - base[0]:+.4f}" if base else "-"
-            d_tps = f"{tps / base[2]:.2f}x" if base else "-"
-            print(f"| {depth} | {name} | {bpb:.4f} | {spread:.4f} | {d_bpb} | {tps:,.0f} | {d_tps} | {wall:.0f} |")
+            bpb, spread, tps, peak, wall = summary(name)
+            print(f"| {depth} | {name} | {bpb:.4f} | {spread:.4f} | {bpb - base[0]:+.4f} | {tps:,.0f} | {tps / base[2]:.2f}x "
+                  f"| {peak} | {wall:.0f} |")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,21 @@ Architecture (the one transformers' `NanoChatForCausalLM` implements, so checkpo
   padding logits are cut off before the loss or sampling so they can never be predicted
 - output projections initialised to zero, all initialisation in one `init_weights`, which also
   works after construction on the meta device
+
+Optional additions (GPTConfig fields, base_train flags; every default is the architecture above, bit for
+bit, with no extra work; only rope_base can be exported, see hf_format):
+- value_embeds: ResFormer's value residual (arXiv 2410.17897) as value embeddings: on alternating layers,
+  the last included, a second token embedding is added to the values through a per-kv-head gate
+  3 * sigmoid(W x[:12]) (W zero-initialised: gate 1.5)
+- resid_mix: before block i, x = resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0: the block stack's input)
+- smear: x[t] += smear_lambda * sigmoid(smear_gate . x[t, :12]) * x[t-1] on the normalised embeddings; a
+  KV cache carries each row's last token so decoding smears like the full forward
+- backout: backout_lambda times the residual entering block n_layer // 2 is subtracted before the final norm
+- qk_scale: q and k times this after QK-norm; rope_base: RoPE's base
+- window_pattern: per layer (tiled, the last layer always full) S: a sliding window of short_window keys,
+  L: the whole context; masked per row by position in training, prefill and cached decoding alike
+(ideas from modded-nanogpt's speedrun records and nanochat's 2026 logs; our own code.) resid_mix, smear and
+backout start neutral (resid 1, x0 0, smear 0, backout 0): on a fresh model they change nothing.
 """
 
 import math
@@ -21,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LOGIT_SOFTCAP = 15.0
+GATE_CHANNELS = 12  # the value-embedding and smear gates read the first 12 channels of their input
 
 
 @dataclass
@@ -31,16 +47,84 @@ class GPTConfig:
     n_head: int = 10  # query heads
     n_kv_head: int = 10  # key/value heads (GQA when fewer than n_head)
     n_embd: int = 1280
+    # the optional additions (module docstring); the defaults are the architecture above
+    value_embeds: bool = False
+    resid_mix: bool = False
+    smear: bool = False
+    backout: bool = False
+    qk_scale: float = 1.0
+    rope_base: float = 10000.0
+    window_pattern: str = "L"  # S: short_window keys, L: all; tiled over the layers, the last one always L
+    short_window: int = 0  # 0: sequence_len // 4
+
+    def __post_init__(self):
+        if not self.window_pattern or set(self.window_pattern) - {"S", "L"}:
+            raise ValueError(f"window_pattern must be a string of S and L, got {self.window_pattern!r}")
+        if self.short_window < 0 or not self.qk_scale > 0 or not self.rope_base > 1:
+            raise ValueError(f"short_window must be >= 0, qk_scale > 0 and rope_base > 1, got {self.short_window}, "
+                             f"{self.qk_scale}, {self.rope_base}")
 
 
-def config_for_depth(depth, vocab_size, sequence_len, head_dim=128, aspect_ratio=64):
-    """Model size from one knob: width = aspect_ratio * depth, rounded up to a multiple of head_dim."""
+def config_for_depth(depth, vocab_size, sequence_len, head_dim=128, aspect_ratio=64, **architecture):
+    """Model size from one knob: width = aspect_ratio * depth, rounded up to a multiple of head_dim.
+    architecture: the optional GPTConfig fields (architecture_fields)."""
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
     model_dim = math.ceil(aspect_ratio * depth / head_dim) * head_dim
     n_head = model_dim // head_dim
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
-                     n_head=n_head, n_kv_head=n_head, n_embd=model_dim)
+                     n_head=n_head, n_kv_head=n_head, n_embd=model_dim, **architecture)
+
+
+def add_architecture_args(p):
+    """base_train's flags for the optional additions (module docstring); off by default: today's architecture."""
+    p.add_argument("--value-embeds", action="store_true", help="value embeddings on alternating layers, gated per "
+                   "head: ResFormer's value residual (Zhou et al., arXiv 2410.17897) as modded-nanogpt uses it")
+    p.add_argument("--resid-mix", action="store_true", help="per-layer learnable x = a_i x + b_i x0 before each block "
+                   "(modded-nanogpt; nanochat 2026)")
+    p.add_argument("--smear", action="store_true", help="gate the previous token's embedding into each token's "
+                   "(modded-nanogpt's smear)")
+    p.add_argument("--backout", action="store_true", help="subtract a learnable share of the mid-depth residual before "
+                   "the final norm (modded-nanogpt)")
+    p.add_argument("--qk-scale", type=float, default=1.0, help="q and k times this after QK-norm, the attention logits "
+                   "by its square (modded-nanogpt raised its attention scale; e.g. 1.2; 1: none)")
+    p.add_argument("--rope-base", type=float, default=10000.0, help="RoPE base (Su et al., arXiv 2104.09864: 10000; "
+                   "larger ones, e.g. 100000, are common since; exports as rope_theta)")
+    p.add_argument("--window-pattern", default="L", help="per layer, tiled: S = sliding window of --short-window keys, "
+                   "L = full context; the last layer is always L (nanochat 2026: SSSL; modded-nanogpt)")
+    p.add_argument("--short-window", type=int, default=0, help="keys an S layer sees (0: a quarter of --max-seq-len)")
+
+
+def architecture_fields(args):
+    """The GPTConfig fields add_architecture_args' flags give; a bad value is a one-line error."""
+    fields = {name: getattr(args, name) for name in ("value_embeds", "resid_mix", "smear", "backout", "qk_scale",
+                                                     "rope_base", "window_pattern", "short_window")}
+    try:
+        GPTConfig(**fields)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    return fields
+
+
+def layer_windows(config):
+    """Per layer, how many of the latest keys (its own included) a query sees; None: every earlier one."""
+    short = config.short_window or max(1, config.sequence_len // 4)
+    pattern = config.window_pattern
+    return [None if i == config.n_layer - 1 or pattern[i % len(pattern)] == "L" else short
+            for i in range(config.n_layer)]
+
+
+def has_value_embed(config, layer_idx):
+    """Value embeddings on alternating layers, counted from the last."""
+    return config.value_embeds and (config.n_layer - 1 - layer_idx) % 2 == 0
+
+
+def window_mask(positions, num_keys, window):
+    """(rows, 1, T, num_keys) bool: the key at position j is visible to a query at position p iff p - window < j <= p.
+    positions: (rows or 1, T) the queries' positions; keys are at positions 0..num_keys-1 (every cache's layout)."""
+    keys = torch.arange(num_keys, device=positions.device)
+    p = positions[:, :, None]
+    return ((keys <= p) & (keys > p - window))[:, None]
 
 
 def norm(x):
@@ -67,24 +151,35 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
+        self.qk_scale = config.qk_scale
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        # a plain Parameter, not an nn.Linear: code that swaps the blocks' Linears (fp8) must not touch a 12-wide gate
+        has_ve = has_value_embed(config, layer_idx)
+        self.ve_gate = nn.Parameter(torch.empty(self.n_kv_head, GATE_CHANNELS)) if has_ve else None
 
-    def forward(self, x, cos_sin, kv_cache):
+    def forward(self, x, cos_sin, kv_cache, window=None, value_embed=None):
         B, T, _ = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if value_embed is not None:  # the value residual, gated per kv head by this token's input
+            gate = 3 * torch.sigmoid(F.linear(x[..., :GATE_CHANNELS], self.ve_gate))
+            v = v + (gate.unsqueeze(-1) * value_embed.view(B, T, self.n_kv_head, self.head_dim)).to(v.dtype)
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm, after the rotation
+        if self.qk_scale != 1.0:  # unit-RMS q and k make the logits' scale a constant: this sets it
+            q, k = q * self.qk_scale, k * self.qk_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         mask = None  # the keys each row may see (a slot pool: only its own length), None: all of them
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # all keys/values so far
             mask = kv_cache.key_mask
+        if window is not None:  # a sliding-window layer: its mask (causality included) and the cache's
+            mask = window if mask is None else window & mask
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_kv_head != self.n_head
         if kv_cache is not None and Tq == 1:
@@ -122,8 +217,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, kv_cache):
-        x = x + self.attn(norm(x), cos_sin, kv_cache)
+    def forward(self, x, cos_sin, kv_cache, window=None, value_embed=None):
+        x = x + self.attn(norm(x), cos_sin, kv_cache, window, value_embed)
         x = x + self.mlp(norm(x))
         return x
 
@@ -132,6 +227,8 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        if (config.value_embeds or config.smear) and config.n_embd < GATE_CHANNELS:
+            raise ValueError(f"value_embeds and smear gates read {GATE_CHANNELS} channels; n_embd is {config.n_embd}")
         self.padded_vocab_size = math.ceil(config.vocab_size / 64) * 64
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(self.padded_vocab_size, config.n_embd),
@@ -144,10 +241,22 @@ class GPT(nn.Module):
         cos, sin = self._rotary_tables(config.sequence_len * 10)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        # the optional additions: nothing at all is created for a field that is off
+        self.windows = layer_windows(config)
+        kv_dim = config.n_kv_head * self.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
+                                           for i in range(config.n_layer) if has_value_embed(config, i)})
+        scalar = lambda *shape: nn.Parameter(torch.empty(*shape))  # noqa: E731 (1-D: AdamW shards along dim 0)
+        self.resid_lambdas = scalar(config.n_layer) if config.resid_mix else None
+        self.x0_lambdas = scalar(config.n_layer) if config.resid_mix else None
+        self.smear_gate = scalar(1, GATE_CHANNELS) if config.smear else None
+        self.smear_lambda = scalar(1) if config.smear else None
+        self.backout_lambda = scalar(1) if config.backout else None
 
-    def _rotary_tables(self, seq_len, base=10000, device=None):
+    def _rotary_tables(self, seq_len, device=None):
         if device is None:
             device = self.transformer.wte.weight.device
+        base = self.config.rope_base
         inv_freq = 1.0 / (base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim))
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
         angles = torch.outer(t, inv_freq)
@@ -168,6 +277,16 @@ class GPT(nn.Module):
             # residual-branch outputs start at zero: every block begins as the identity
             torch.nn.init.zeros_(block.attn.c_proj.weight)
             torch.nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                torch.nn.init.zeros_(block.attn.ve_gate)  # gate 3 * sigmoid(0) = 1.5
+        # value embeddings like a row of c_v's weights (std n_embd^-0.5): a small start next to v (RMS ~1)
+        for table in self.value_embeds.values():
+            torch.nn.init.uniform_(table.weight, -bound, bound)
+        # the lambdas start neutral: the block stack, the embedding and the output are today's at step 0
+        for p, value in ((self.resid_lambdas, 1.0), (self.x0_lambdas, 0.0), (self.smear_gate, 0.0),
+                         (self.smear_lambda, 0.0), (self.backout_lambda, 0.0)):
+            if p is not None:
+                p.fill_(value)
         cos, sin = self._rotary_tables(self.cos.size(1))
         self.cos, self.sin = cos, sin
 
@@ -178,47 +297,81 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def num_scaling_params(self):
-        """The parameters the data:param ratio counts: the block matrices and the lm_head, not the embedding (a
-        lookup; nanochat's 2026 scaling-law sweeps found the cleanest fits counting these, dev/LOG.md 2026-01-27)."""
-        return self.num_params() - self.transformer.wte.weight.numel()
+        """The parameters the data:param ratio counts: the block matrices and the lm_head (and the few scalars and
+        gates), not the embeddings (lookups; nanochat's 2026 scaling-law sweeps found the cleanest fits counting
+        these, dev/LOG.md 2026-01-27): neither the token embedding nor the value embeddings."""
+        lookups = self.transformer.wte.weight.numel() + sum(p.numel() for p in self.value_embeds.parameters())
+        return self.num_params() - lookups
 
     def estimate_flops(self):
         """
         Training FLOPs per token: 6 per weight of every matmul (forward 2, backward 4; the
-        embedding is a lookup, not a matmul) plus attention's scores and weighted sum,
-        12 * n_layer * n_head * head_dim * seq_len (causal masking is not subtracted).
+        embeddings are lookups, not matmuls) plus attention's scores and weighted sum,
+        12 * n_head * head_dim * (keys per query) per layer: seq_len for a full layer (causal
+        masking is not subtracted), min(window, seq_len) for a sliding-window one.
         """
         matmul_params = self.num_scaling_params()
         c = self.config
-        attention = 12 * c.n_layer * c.n_head * self.head_dim * c.sequence_len
+        keys = sum(c.sequence_len if w is None else min(w, c.sequence_len) for w in self.windows)
+        attention = 12 * c.n_head * self.head_dim * keys
         return 6 * matmul_params + attention
+
+    def param_groups(self):
+        """Each optimizer group's parameters: 'matrix' (Muon: the blocks' matrices), 'embedding' (the token and
+        value embeddings), 'lm_head', and 'scalars' (the lambdas and the gates) when the model has any."""
+        gates = [b.attn.ve_gate for b in self.transformer.h if b.attn.ve_gate is not None]
+        scalars = [p for p in (self.resid_lambdas, self.x0_lambdas, self.smear_gate, self.smear_lambda,
+                               self.backout_lambda) if p is not None] + gates
+        groups = {"matrix": [p for p in self.transformer.h.parameters() if not any(p is g for g in gates)],
+                  "embedding": list(self.transformer.wte.parameters()) + list(self.value_embeds.parameters()),
+                  "lm_head": list(self.lm_head.parameters())}
+        if scalars:
+            groups["scalars"] = scalars
+        assert sum(map(len, groups.values())) == len(list(self.parameters()))
+        return groups
 
     def setup_optimizers(self, lrs=None, weight_decay=0.0, muon_weight_decay=0.0, adam_betas=(0.8, 0.95), ns_dtype=None,
                          **muon_options):
         """
-        Muon for the 2-D matrices inside the blocks; AdamW for the embedding and the lm_head. lrs: each
-        group's peak LR ({'matrix', 'embedding', 'lm_head'}), as nanochat.schedule.peak_lrs decides them
-        (its defaults for this width when None). weight_decay and adam_betas: AdamW's, one value for both
-        groups or a dict by group name ({'embedding': ..., 'lm_head': ...}); muon_weight_decay and
-        muon_options (orthogonalize, beta2, cautious): Muon's. ns_dtype: the dtype of Muon's orthogonalisation
-        matmuls (None: bf16 on GPU, fp32 elsewhere). Returns [adamw, muon], their peaks recorded for a Schedule.
+        Muon for the 2-D matrices inside the blocks; AdamW for the embeddings and the lm_head, and for the scalars
+        when the model has any (see param_groups). lrs: each group's peak LR ({'matrix', 'embedding', 'lm_head'},
+        'scalars' too for a model that has them), as nanochat.schedule.peak_lrs decides them (its defaults for
+        this width when None). weight_decay and adam_betas: AdamW's, one value for every group or a dict by group
+        name ({'embedding': ..., 'lm_head': ..., 'scalars': ...}); the scalars are never decayed (weight decay
+        would pull the residual lambdas to 0). muon_weight_decay and muon_options (orthogonalize, beta2,
+        cautious): Muon's. ns_dtype: the dtype of Muon's orthogonalisation matmuls (None: bf16 on GPU, fp32
+        elsewhere). Returns [adamw, muon], their peaks recorded for a Schedule.
         """
         from nanochat.optim import AdamW, Muon  # optim knows nothing of the model; import at use
-        from nanochat.schedule import peak_lrs, record_peaks
-        lrs = lrs or peak_lrs(self.config.n_embd)
-        matrix_params = list(self.transformer.h.parameters())
-        embedding_params = list(self.transformer.wte.parameters())
-        lm_head_params = list(self.lm_head.parameters())
-        assert len(matrix_params) + len(embedding_params) + len(lm_head_params) == len(list(self.parameters()))
+        from nanochat.schedule import SCALAR_LR, peak_lrs, record_peaks
+        lrs = lrs or peak_lrs(self.config.n_embd, scalar_lr=SCALAR_LR)
+        params = self.param_groups()
+        adam_names = [name for name in ("lm_head", "embedding", "scalars") if name in params]
+        missing = [name for name in adam_names if name not in lrs or isinstance(adam_betas, dict) and name not in adam_betas]
+        if missing:
+            raise ValueError(f"this model's optimizer groups {adam_names} need an LR and betas each; none given for "
+                             f"{missing} (nanochat.schedule.peak_lrs(..., scalar_lr=...) gives the scalars' LR)")
 
-        def group(name, params):
-            decay = weight_decay[name] if isinstance(weight_decay, dict) else weight_decay
+        def group(name):
+            decay = 0.0 if name == "scalars" else weight_decay[name] if isinstance(weight_decay, dict) else weight_decay
             betas = adam_betas[name] if isinstance(adam_betas, dict) else adam_betas
-            return {"params": params, "lr": lrs[name], "name": name, "betas": tuple(betas), "weight_decay": decay}
-        adamw = AdamW([group("lm_head", lm_head_params), group("embedding", embedding_params)], eps=1e-10)
-        muon = Muon(matrix_params, lr=lrs["matrix"], momentum=0.95, ns_dtype=ns_dtype, weight_decay=muon_weight_decay,
+            return {"params": params[name], "lr": lrs[name], "name": name, "betas": tuple(betas), "weight_decay": decay}
+        adamw = AdamW([group(name) for name in adam_names], eps=1e-10)
+        muon = Muon(params["matrix"], lr=lrs["matrix"], momentum=0.95, ns_dtype=ns_dtype, weight_decay=muon_weight_decay,
                     **muon_options)
         return record_peaks([adamw, muon])
+
+    def _smear(self, x, idx, kv_cache):
+        """x[t] += smear_lambda * sigmoid(smear_gate . x[t, :12]) * x[t-1] (x: the normalised embeddings). A
+        sequence's first token has no previous one; with a cache, the one before the new tokens is the cache's."""
+        if kv_cache is None:
+            first = x.new_zeros(x.size(0), 1, x.size(2))
+        else:
+            before = kv_cache.previous_tokens(idx)  # (rows,), -1 where the new tokens start a sequence
+            first = (norm(self.transformer.wte(before.clamp(min=0))) * (before >= 0)[:, None])[:, None]
+        previous = torch.cat([first.to(x.dtype), x[:, :-1]], dim=1)
+        gate = torch.sigmoid(F.linear(x[..., :GATE_CHANNELS], self.smear_gate))  # (B, T, 1)
+        return x + self.smear_lambda * gate * previous
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """
@@ -239,9 +392,22 @@ class GPT(nn.Module):
             cos_sin = self.cos[:, :T], self.sin[:, :T]
         else:  # (rows, T, 1, D/2): gathered per row
             cos_sin = self.cos[0, positions], self.sin[0, positions]
+        windows = {}  # window size -> its mask over this call's keys (end of them), built once for its layers
+        for w in set(self.windows) - {None}:
+            windows[w] = window_mask(torch.arange(T, device=idx.device)[None] if positions is None else positions, end, w)
         x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos_sin, kv_cache)
+        if self.smear_lambda is not None:
+            x = self._smear(x, idx, kv_cache)
+        x0 = x
+        for i, block in enumerate(self.transformer.h):
+            if self.resid_lambdas is not None:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            if i == self.config.n_layer // 2:
+                x_mid = x  # for the backout
+            value_embed = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, cos_sin, kv_cache, windows.get(self.windows[i]), value_embed)
+        if self.backout_lambda is not None:
+            x = x - self.backout_lambda * x_mid
         x = norm(x)
         logits = self.lm_head(x)[..., :self.config.vocab_size]
         # soft-cap in fp32: tanh in bf16 loses the small differences between large logits

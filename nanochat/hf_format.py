@@ -9,7 +9,9 @@ untied lm_head -> tanh soft-cap 15. Its rotate_half is cat(x2, -x1), so its rota
 and q/k weights map unchanged. (The usual Llama rotate_half, cat(-x2, x1), would be the transpose
 rotation; a model exported for that would need q/k rows permuted. The tests plant that bug.)
 Norms have no weights on either side; our RMSNorm eps is torch's default for fp32, which we write
-as rms_norm_eps.
+as rms_norm_eps. Of GPTConfig's optional additions only rope_base has an equivalent (rope_theta, both
+ways); a model using any other (value embeddings, residual mixing, smear, backout, a q/k scale, sliding
+windows) is refused with one line naming them, never exported as a different function.
 
 The tokenizer becomes a `tokenizers` byte-level BPE (tokenizer.json): our split regex, every token
 as GPT-2 byte-to-unicode text under its own id, merges recovered from the ranks, our special tokens
@@ -27,10 +29,10 @@ import torch
 from safetensors.torch import load_file, save
 
 from nanochat.common import atomic_write
-from nanochat.gpt import LOGIT_SOFTCAP, GPTConfig
+from nanochat.gpt import LOGIT_SOFTCAP, GPTConfig, layer_windows
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
-ROPE_THETA = 10000.0  # gpt.GPT._rotary_tables' base
+ROPE_THETA = 10000.0  # GPTConfig.rope_base's default (a config.json without one means it)
 RMS_NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm(eps=None) on fp32 inputs
 
 
@@ -40,6 +42,26 @@ class NotExportable(ValueError):
 
 # -------------------------------------------------------------------------------------------------
 # weights
+
+def check_exportable(config):
+    """Refuses (one line) a model using an optional addition that transformers' and mlx_lm's NanoChat cannot compute."""
+    plain = GPTConfig()
+    switches = [name for name in ("value_embeds", "resid_mix", "smear", "backout") if getattr(config, name)]
+    used = [f"{name}=True" for name in switches]
+    values = []  # the flags to give their default value
+    if config.qk_scale != plain.qk_scale:
+        used.append(f"qk_scale={config.qk_scale!r}")
+        values.append("--qk-scale 1")
+    if any(w is not None for w in layer_windows(config)):
+        used.append(f"window_pattern={config.window_pattern!r}")
+        values.append("--window-pattern L")
+    if used:
+        how = " and ".join(part for part in (
+            "without " + " ".join(f"--{name.replace('_', '-')}" for name in switches) if switches else "",
+            "with " + " ".join(values) if values else "") if part)
+        raise NotExportable(f"this model uses {', '.join(used)}, which transformers' NanoChat (and mlx_lm's) cannot "
+                            f"compute (rope_base exports); train an exportable model {how}")
+
 
 def shape_fields(config):
     """The config.json fields that give the network's shape, named as transformers and mlx_lm both read them."""
@@ -56,7 +78,7 @@ def hf_config(config, tokenizer):
         **shape_fields(config),
         "hidden_act": "relu2",
         "rms_norm_eps": RMS_NORM_EPS,
-        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(config.rope_base)},
         "final_logit_softcapping": LOGIT_SOFTCAP,
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -82,6 +104,7 @@ def key_map(n_layer):
 
 def to_hf_state_dict(state_dict, config):
     """Our weights as transformers names them, vocabulary padding rows removed; refuses what does not map."""
+    check_exportable(config)
     if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
         raise NotExportable(f"heads do not divide the width: n_embd {config.n_embd}, n_head {config.n_head}, "
                             f"n_kv_head {config.n_kv_head}")
@@ -111,13 +134,14 @@ def from_hf_config(hf):
     if hf.get("final_logit_softcapping") != LOGIT_SOFTCAP:
         raise NotExportable(f"final_logit_softcapping = {hf.get('final_logit_softcapping')}; ours is {LOGIT_SOFTCAP}")
     rope = hf.get("rope_parameters") or {"rope_type": "default", "rope_theta": hf.get("rope_theta", ROPE_THETA)}
-    if rope.get("rope_type", "default") != "default" or float(rope.get("rope_theta", ROPE_THETA)) != ROPE_THETA:
-        raise NotExportable(f"rope {rope}; ours is default RoPE with theta {ROPE_THETA}")
+    if rope.get("rope_type", "default") != "default" or not float(rope.get("rope_theta", ROPE_THETA)) > 1:
+        raise NotExportable(f"rope {rope}; ours is default RoPE (any theta > 1)")
     if hf["intermediate_size"] != 4 * hf["hidden_size"]:
         raise NotExportable(f"intermediate_size {hf['intermediate_size']} != 4 x hidden_size {hf['hidden_size']}")
     return GPTConfig(sequence_len=hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"],
                      n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
-                     n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"])
+                     n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                     rope_base=float(rope.get("rope_theta", ROPE_THETA)))
 
 
 def from_hf_state_dict(tensors, config):
@@ -157,7 +181,7 @@ def mlx_config(config, tokenizer):
     bos = tokenizer.get_bos_token_id()
     return {
         **shape_fields(config),
-        "rope_theta": ROPE_THETA,
+        "rope_theta": float(config.rope_base),
         "bos_token_id": bos,
         "eos_token_id": [tokenizer.encode_special("<|assistant_end|>"), bos],
     }

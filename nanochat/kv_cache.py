@@ -7,7 +7,10 @@ Both show the model the same interface, so GPT.forward never asks which one it h
 new_positions(T, device) -> (the positions of the T new tokens, (rows or 1, T); one past the largest),
 insert_kv(layer, k, v) -> every key and value the new tokens attend over, and key_mask: a bool mask
 (rows, 1, 1, keys) of the keys each row may see, or None when every key is visible (causality among
-the new tokens themselves is the attention's business).
+the new tokens themselves is the attention's business). Keys sit at their positions (key j: position j),
+so a sliding-window layer masks by position alike in both. previous_tokens(idx) -> the token each row
+fed just before idx (-1 at a sequence's start), recording idx: the smear's previous token, asked only by
+a model that smears, and carried through prefill, decode, forced tool tokens and slot loading alike.
 """
 
 import torch
@@ -28,9 +31,11 @@ class KVCache:
         self.k = [None] * num_layers
         self.v = [None] * num_layers
         self.pos = 0
+        self.last_token = None  # (batch,) the last token fed (for the smear), None before the first
 
     def reset(self):
         self.pos = 0
+        self.last_token = None
 
     def get_pos(self):
         return self.pos
@@ -38,6 +43,11 @@ class KVCache:
     def new_positions(self, num_new, device):
         start = self.get_pos()
         return torch.arange(start, start + num_new, device=device)[None], start + num_new
+
+    def previous_tokens(self, idx):
+        before = self.last_token if self.last_token is not None else idx.new_full((idx.size(0),), -1)
+        self.last_token = idx[:, -1].clone()
+        return before
 
     def _grow(self, layer_idx, needed, like):
         B, H, T, D = self.shape
@@ -80,6 +90,8 @@ class KVCache:
             other.k[i][:, :, :self.pos] = self.k[i][:, :, :self.pos]
             other.v[i][:, :, :self.pos] = self.v[i][:, :, :self.pos]
         other.pos = self.pos
+        if self.last_token is not None:
+            other.last_token = self.last_token.expand(batch_size).clone()
         return other
 
 
@@ -98,6 +110,9 @@ class SlotCache:
         self.num_layers = num_layers
         self.k, self.v = [None] * num_layers, [None] * num_layers  # allocated on the first load (dtype known then)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        # every slot's tokens by position, for the smear: a step reads the one before its own position and writes
+        # its own, so running one step twice (a compiled step's warm-up) changes nothing
+        self.tokens = torch.zeros(slots, max_len, dtype=torch.long, device=device)
         self.rows = torch.arange(slots, device=device)
         self.span = torch.arange(max_len, device=device)
         self.begin_step()  # positions and key_mask exist from the start (a compiled step then traces once)
@@ -110,6 +125,8 @@ class SlotCache:
                 self.v[i] = torch.zeros_like(self.k[i])
             self.k[i][slot, :, :length] = prefix.k[i][0, :, :length]
             self.v[i][slot, :, :length] = prefix.v[i][0, :, :length]
+        if prefix.last_token is not None:
+            self.tokens[slot, length - 1] = prefix.last_token[0]
         self.lengths[slot] = length
 
     def begin_step(self, n=None, span=None):
@@ -125,6 +142,12 @@ class SlotCache:
         if num_new != 1:
             raise ValueError(f"a slot pool step feeds one token per row, got {num_new}")
         return self.positions[:, None], self.width
+
+    def previous_tokens(self, idx):
+        rows, positions = self.rows[:self.n], self.positions
+        before = torch.where(positions > 0, self.tokens[rows, (positions - 1).clamp(min=0)], -1)
+        self.tokens[rows, positions] = idx[:, 0]
+        return before
 
     def insert_kv(self, layer_idx, k, v):
         """k, v (n, H, 1, D): written at each slot's position. Returns the n slots' keys and values."""

@@ -3,7 +3,8 @@ Every number of the optimizers that is decided by the recipe or changes over a r
 training stage, in one place:
 
 - the peak learning rates: the flags' values at the reference width (768), scaled by
-  1/sqrt(width / 768) for the AdamW groups (embedding, lm_head), times the stage's share of them
+  1/sqrt(width / 768) for the AdamW groups (embedding, lm_head; not the scalars: one value per layer
+  whatever the width), times the stage's share of them
   (post-training stages start from a fraction of the base run's LRs; a batch picked by the batch
   rule scales them by sqrt(batch / 2^19));
 - the batch rule (base_train --total-batch-size -1): the batch from the model size, and Muon's
@@ -28,6 +29,10 @@ REFERENCE_WIDTH = 768  # the AdamW LRs were tuned at this model width
 REFERENCE_BATCH = 2**19
 REFERENCE_DEPTH = 12
 BATCH_EXPONENT = 0.383
+# AdamW for the architecture's scalars (gpt.GPT.param_groups 'scalars': lambdas and gates): modded-nanogpt's Adam
+# group for its scalar parameters (lr 0.04, betas (0.8, 0.95), no weight decay), tuned at width 768
+SCALAR_LR = 0.04
+SCALAR_BETAS = (0.8, 0.95)
 
 
 def auto_batch_size(tokens, reference_tokens, unit):
@@ -50,11 +55,14 @@ def batch_weight_decay_scale(batch, tokens, reference_tokens):
     return math.sqrt(batch / REFERENCE_BATCH) * reference_tokens / tokens
 
 
-def peak_lrs(n_embd, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, share=1.0):
-    """Peak LR of each parameter group: {'matrix', 'embedding', 'lm_head'}."""
+def peak_lrs(n_embd, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, share=1.0, scalar_lr=None):
+    """Peak LR of each parameter group: {'matrix', 'embedding', 'lm_head'}, and 'scalars' when scalar_lr is given."""
     width_scale = (n_embd / REFERENCE_WIDTH) ** -0.5
-    return {"matrix": matrix_lr * share, "embedding": embedding_lr * width_scale * share,
-            "lm_head": unembedding_lr * width_scale * share}
+    lrs = {"matrix": matrix_lr * share, "embedding": embedding_lr * width_scale * share,
+           "lm_head": unembedding_lr * width_scale * share}
+    if scalar_lr is not None:
+        lrs["scalars"] = scalar_lr * share
+    return lrs
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,10 @@ def add_recipe_args(p):
         p.add_argument(f"--{group}-betas", type=float, nargs=2, default=[0.8, 0.95], metavar=("BETA1", "BETA2"),
                        help=f"AdamW betas of the {name}")
         p.add_argument(f"--{group}-weight-decay", type=float, default=0.0, help=f"AdamW weight decay of the {name}")
+    p.add_argument("--scalar-lr", type=float, default=SCALAR_LR, help="AdamW LR of the architecture's scalars and "
+                   "gates (--resid-mix, --smear, --backout, --value-embeds; modded-nanogpt's; not decayed)")
+    p.add_argument("--scalar-betas", type=float, nargs=2, default=list(SCALAR_BETAS), metavar=("BETA1", "BETA2"),
+                   help="AdamW betas of the scalars")
     p.add_argument("--muon-weight-decay", type=float, default=0.2,  # 2026: 0.2 at d12 (arXiv 2510.12402's decay)
                    help="Muon's decoupled weight decay (block matrices); with the batch rule, the value at depth 12, "
                         "scaled to this run (batch_weight_decay_scale)")

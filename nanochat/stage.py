@@ -26,6 +26,7 @@ import torch.distributed as dist
 from nanochat.checkpoint import (SOURCES, checkpoint_dir_for, find_last_step, load_checkpoint, load_model,
                                 load_rank_state, rank_file, save_checkpoint)
 from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype, print0
+from nanochat.gpt import GPTConfig
 from nanochat.schedule import peak_lrs
 
 SMOOTHING = 0.9  # EMA factor of the logged loss
@@ -94,8 +95,8 @@ def load_stage_model(args, stage, device):
 
 
 def betas_per_group(adam_betas):
-    """{'embedding': [b1, b2], 'lm_head': [b1, b2]} from a pair per group, or from one pair for both (recipes
-    recorded before the groups had their own)."""
+    """{'embedding': [b1, b2], 'lm_head': [b1, b2] (, 'scalars': ...)} from a pair per group, or from one pair for
+    both (recipes recorded before the groups had their own)."""
     if not isinstance(adam_betas, dict):
         adam_betas = {"embedding": adam_betas, "lm_head": adam_betas}
     return {name: list(betas) for name, betas in adam_betas.items()}
@@ -118,7 +119,8 @@ def stage_optimizers(model, args, dtype, meta):
     recipe = meta.get("recipe") or optimizer_recipe(peak_lrs(model.config.n_embd))
     given = {"matrix": args.matrix_lr, "embedding": args.embedding_lr, "lm_head": args.unembedding_lr}
     flagged = peak_lrs(model.config.n_embd, *(v or 0.0 for v in given.values()))
-    recipe = dict(recipe, lrs={k: flagged[k] if v is not None else recipe["lrs"][k] for k, v in given.items()},
+    # the recipe's other groups (the architecture's 'scalars') keep their LR: no flag of this stage sets them
+    recipe = dict(recipe, lrs={**recipe["lrs"], **{k: flagged[k] for k, v in given.items() if v is not None}},
                   adam_betas=betas_per_group(recipe["adam_betas"]))
     optimizers = model.setup_optimizers({k: v * args.init_lr_frac for k, v in recipe["lrs"].items()},
                                         adam_betas=recipe["adam_betas"], ns_dtype=dtype,
@@ -199,7 +201,7 @@ def resume_run(state_class, checkpoint_dir, model, optimizers, args, same_flags,
         raise SystemExit(f"error: nothing to resume: {e}")
     state, optim_states, dataloader_state, meta = load_checkpoint(checkpoint_dir, step, device,
                                                                   load_optimizer=True, rank=rank)
-    if meta["model_config"] != vars(model.config):
+    if GPTConfig(**meta["model_config"]) != model.config:  # fields added since a checkpoint take their defaults
         raise SystemExit(f"error: checkpoint {checkpoint_dir} step {step} has config {meta['model_config']}, "
                          f"these flags make {vars(model.config)}")
     saved = meta.get("flags", {})

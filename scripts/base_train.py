@@ -31,7 +31,8 @@ from nanochat.common import (GPU_BF16_PEAK, compute_cleanup, get_base_dir, gpu_p
                              print0)
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import REMOTE_SHARD_CHARS, list_shards, shard_chars, shards_needed
-from nanochat.gpt import GPT, config_for_depth
+from nanochat.fp8 import maybe_enable_fp8
+from nanochat.gpt import GPT, add_architecture_args, architecture_fields, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.schedule import (REFERENCE_DEPTH, add_recipe_args, auto_batch_size, base_schedule, batch_lr_scale,
@@ -65,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
     p.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = aspect_ratio * depth, rounded up to head_dim")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context length")
+    add_architecture_args(p)
     # horizon: the first of these that is set wins
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from the ratio below)")
     # 10.5: nanochat's compute-optimal ratio from its 2026 scaling-law sweeps (d10-d20 at 1e18-1e19 FLOPs, dev/LOG.md
@@ -88,6 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
     p.add_argument("--log-every", type=int, default=1, help="print/log metrics every N steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--fp8", action="store_true", help="float8 matmuls in the blocks' linears (nanochat/fp8.py; CUDA "
+                   "compute capability 8.9+: H100/H200, L4, RTX 4090); master weights and checkpoints unchanged")
     p.add_argument("--log-data-checksum", action="store_true",
                    help="debug: log a checksum of each step's tokens (one more all-reduce per step; the tests "
                         "compare it between runs to prove that resumes and rank splits see the same data)")
@@ -119,7 +123,7 @@ def estimate_memory(model, args, world_size, dtype):
     c = model.config
     n_params = model.num_params()
     weights = grads = 4 * n_params
-    adam_params = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
+    adam_params = n_params - sum(p.numel() for p in model.param_groups()["matrix"])
     optimizer = (8 * adam_params + 4 * (n_params - adam_params)) / world_size  # Adam m, v; Muon momentum
     act_bytes = 2 if dtype == torch.bfloat16 else 4
     tokens = args.device_batch_size * args.max_seq_len
@@ -171,7 +175,7 @@ def main(argv=None):
     # ---------------------------------------------------------------------------------------------
     # the model: built on the meta device, materialised and initialised in one place
     config = config_for_depth(args.depth, vocab_size, args.max_seq_len, head_dim=args.head_dim,
-                              aspect_ratio=args.aspect_ratio)
+                              aspect_ratio=args.aspect_ratio, **architecture_fields(args))
     with torch.device("meta"):
         model = GPT(config)  # sizes and FLOPs are known here, before any memory is spent
     n_params, n_scaling = model.num_params(), model.num_scaling_params()
@@ -188,7 +192,7 @@ def main(argv=None):
     if args.total_batch_size == -1:  # the batch rule: from this model's training tokens against depth 12's
         with torch.device("meta"):
             reference = GPT(config_for_depth(REFERENCE_DEPTH, vocab_size, args.max_seq_len, head_dim=args.head_dim,
-                                             aspect_ratio=args.aspect_ratio)).num_scaling_params()
+                                             aspect_ratio=args.aspect_ratio, **architecture_fields(args))).num_scaling_params()
         ratio = args.target_param_data_ratio
         args.total_batch_size = auto_batch_size(ratio * n_scaling, ratio * reference, world_tokens_per_micro)
         lr_share = batch_lr_scale(args.total_batch_size)
@@ -210,8 +214,11 @@ def main(argv=None):
         print0(f"Muon weight decay from the depth-{REFERENCE_DEPTH} value: {args.muon_weight_decay:g} -> "
                f"{muon_weight_decay:.4g} (constant B / (lr * decay * tokens))")
     schedule = base_schedule(args, num_iterations)
-    lrs = peak_lrs(config.n_embd, args.matrix_lr, args.embedding_lr, args.unembedding_lr, share=lr_share)
-    adam_betas = {"embedding": args.embedding_betas, "lm_head": args.unembedding_betas}
+    scalars = "scalars" in model.param_groups()  # the architecture flags' lambdas and gates: an AdamW group of their own
+    lrs = peak_lrs(config.n_embd, args.matrix_lr, args.embedding_lr, args.unembedding_lr, share=lr_share,
+                   scalar_lr=args.scalar_lr if scalars else None)
+    adam_betas = {"embedding": args.embedding_betas, "lm_head": args.unembedding_betas,
+                  **({"scalars": args.scalar_betas} if scalars else {})}
     recipe = optimizer_recipe(lrs, args.orthogonalize, args.normuon_beta2 or None, adam_betas)  # the later stages inherit it
     print0("peak LRs: " + ", ".join(f"{name} {lr:.5g}" for name, lr in lrs.items())
            + f"; warmup {schedule.warmup_steps} steps, warmdown {schedule.warmdown_steps} steps to {args.final_lr_frac:g}")
@@ -253,6 +260,8 @@ def main(argv=None):
     model.to_empty(device=device)
     torch.manual_seed(args.seed)
     model.init_weights()
+    if maybe_enable_fp8(model, args.fp8, device):  # before the optimizers and compile; refuses where fp8 cannot run
+        print0("fp8: the block linears multiply in float8 (tensorwise scales); lm_head and embedding unchanged")
 
     # ---------------------------------------------------------------------------------------------
     # optimizers, data, and the state a resume restores

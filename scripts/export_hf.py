@@ -14,7 +14,8 @@ split regex, special tokens and a chat template that renders conversations exact
 render_conversation). --format hf names the weights as transformers' NanoChatForCausalLM does;
 --format mlx keeps our own names and writes the config fields mlx_lm's `nanochat` model reads. See
 nanochat/hf_format.py for the mapping. A model whose parameters do not match the NanoChat
-architecture is refused with the reason.
+architecture is refused with the reason: one trained with an architecture flag of base_train other than
+--rope-base (which exports as rope_theta) gets one line naming the fields it uses and the flags to leave out.
 """
 
 import argparse
