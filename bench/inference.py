@@ -9,9 +9,13 @@ Decoding speed on this machine, depth-4 model, CPU:
   and 8 concurrent requests, against the Engine's eager batch-1 decode;
 - each weight matrix as a decode GEMM on one thread, 1 row vs 8 (torch's linear, MKL with the weight
   packed once, weight-only int8): what bounds the step on a CPU.
+- the architecture additions (issue 22: value embeddings, resid mix, smear, backout, qk scale, SSSL
+  windows, all on) against the plain model of the same size: Engine decode at 1 and 8 rows and the
+  scheduler's eager step with 8 requests, the two models alternated (windows and smear in the cache path).
 The last line printed is one JSON object with every figure.
 
     python -m bench.inference
+    python -m bench.inference --additions-only     # just the last table
 """
 
 import argparse
@@ -40,25 +44,75 @@ def copy_bandwidth(mb=512, reps=5):
     return 2 * src.numel() * 4 / best
 
 
+def random_model(args, tokenizer, **architecture):
+    """A random but not degenerate model at --depth (seeded: the same draws for every architecture)."""
+    torch.manual_seed(0)
+    model = GPT(config_for_depth(args.depth, tokenizer.get_vocab_size(), max(args.lengths), head_dim=64, **architecture))
+    model.init_weights()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+        for name in ("resid_lambdas",):  # a residual stream scaled by ~0 each layer would be degenerate
+            if getattr(model, name, None) is not None:
+                getattr(model, name).fill_(1.0)
+        specials = [tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()]
+        model.lm_head.weight[specials] = 0  # keep greedy decoding away from stop/tool tokens
+    return model.eval()
+
+
+ALL_ADDITIONS = dict(value_embeds=True, resid_mix=True, smear=True, backout=True, qk_scale=1.2, rope_base=100000.0,
+                     window_pattern="SSSL")
+
+
+def additions_table(tokenizer, text, args, rounds=3):
+    """Decode tok/s of the plain model vs the one with every addition on (same size), alternated `rounds` times,
+    best of each: Engine at 1 and --rows rows, and the scheduler's eager step with --rows requests."""
+    length = max(args.lengths)
+    prompt = tokenizer.encode(text[:20 * length], prepend="<|bos|>")[:length // 2]
+    n_out = length - len(prompt)
+    models = {"plain": random_model(args, tokenizer), "all additions": random_model(args, tokenizer, **ALL_ADDITIONS)}
+    best = {name: {} for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            engine = Engine(model, tokenizer, calculator=lambda e: "0")
+            for rows in (1, args.rows):
+                t0 = time.perf_counter()
+                out, _ = engine.generate_batch(prompt, num_samples=rows, max_tokens=n_out, temperature=0)
+                assert all(len(r) == len(prompt) + n_out for r in out), "a row stopped early"
+                best[name][f"engine_{rows}"] = max(best[name].get(f"engine_{rows}", 0), rows * n_out / (time.perf_counter() - t0))
+            scheduler = BatchScheduler(engine, slots=args.rows, max_len=len(prompt) + n_out + 8, compile="off")
+            t0 = time.perf_counter()
+            reqs = [scheduler.submit(prompt, max_tokens=n_out, temperature=0) for _ in range(args.rows)]
+            assert all(sum(1 for _ in r) == n_out for r in reqs), "a request stopped early"
+            best[name]["scheduler"] = max(best[name].get("scheduler", 0), args.rows * n_out / (time.perf_counter() - t0))
+            scheduler.close()
+    print(f"\narchitecture additions (all on, SSSL windows of {length // 4}) vs plain, depth {args.depth}, "
+          f"{len(prompt)}-token prompt + {n_out} tokens; best of {rounds}, alternated")
+    print(f"| decode | plain tok/s | all additions tok/s | ratio |")
+    print("|---|---:|---:|---:|")
+    for key, label in (("engine_1", "Engine, 1 row"), (f"engine_{args.rows}", f"Engine, {args.rows} rows"),
+                       ("scheduler", f"scheduler (eager), {args.rows} requests")):
+        a, b = best["plain"][key], best["all additions"][key]
+        print(f"| {label} | {a:.0f} | {b:.0f} | {b / a:.2f}x |", flush=True)
+    return best
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 1024])
     p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--additions-only", action="store_true", help="only the architecture additions' decode table")
     args = p.parse_args()
     torch.manual_seed(0)
     text = read_text(data_dir(small_ok=True), "pretrain", "tinyshakespeare", "input.txt")
     tokenizer = RustBPETokenizer.train_from_iterator(iter([text[i:i + 2000] for i in range(0, len(text), 2000)]), args.vocab)
-    config = config_for_depth(args.depth, tokenizer.get_vocab_size(), max(args.lengths), head_dim=64)
-    model = GPT(config)
-    model.init_weights()
-    with torch.no_grad():
-        for param in model.parameters():  # a random but not degenerate model
-            param.normal_(0, 0.02)
-        specials = [tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()]
-        model.lm_head.weight[specials] = 0  # keep greedy decoding away from stop/tool tokens
-    model.eval()
+    if args.additions_only:
+        print(json.dumps({"additions": additions_table(tokenizer, text, args)}))
+        return
+    model = random_model(args, tokenizer)
+    config = model.config
     engine = Engine(model, tokenizer, calculator=lambda e: "0")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth()
@@ -101,6 +155,7 @@ def main():
               f"{row['batched_time_ratio']:.2f}x | {100 * mbu:.0f}% |", flush=True)
     results["scheduler"] = scheduler_table(engine, tokenizer, text, args, results)
     results["gemm"] = gemm_table(model, args.rows)
+    results["additions"] = additions_table(tokenizer, text, args)
     print(json.dumps(results))
 
 
