@@ -8,7 +8,9 @@ says, row by row, what agreed, what it measured and what failed.
 
 Rows: (1) CUDA vs a CPU fp32 reference on a small model with the same weights: logits, loss, every
 gradient, one Muon+AdamW step; bf16 autocast loss. (2) torch.compile: recompilations over the steps
-after warm-up (goal 0), compiled == eager loss. (3) d20 training throughput (full-profile shapes:
+after warm-up (goal 0), compiled == eager loss. (2b) the architecture additions of issue 22, every field on,
+windows shorter than the sequence: logits and gradients vs the CPU fp32 reference, compiled vs eager loss,
+and the KV-cached greedy decode (windows and smear in the cache path) vs the no-cache forward. (3) d20 training throughput (full-profile shapes:
 device batch 32 x 2048, vocab 32768, compiled) under a memory cap of 80 GB (as an H100): peak memory
 vs the dry run's estimate, tokens/s, MFU against the H100 bf16 dense peak (989 TFLOP/s; the H200's
 dense bf16 peak is the same). (4) decode at d20 (the model + KVCache step the Engine runs): tok/s at
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
@@ -49,7 +52,7 @@ from nanochat.training import train_step
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_TOKENIZER = os.path.join(REPO_ROOT, "bench", "fixtures", "tokenizer")
 PRETRAIN_TEXT = os.path.join(REPO_ROOT, "tests", "data", "pretrain")
-CHECKS = ["reference", "compile", "d20", "decode", "torchrun", "fp8"]
+CHECKS = ["reference", "compile", "additions", "d20", "decode", "torchrun", "fp8"]
 # tolerances, each a relative error (max |a - b| / max |b|) unless named abs: fp32 on two devices differs
 # only by summation order; bf16 keeps 8 bits of mantissa, so its loss moves in the 2nd-3rd digit
 TOL = {"logits": 1e-4, "loss_abs": 1e-4, "grad": 1e-3, "step": 1e-3, "bf16_loss_abs": 0.05, "compile_loss_abs": 5e-3,
@@ -129,6 +132,52 @@ def check_reference(device, tiny, rows):
                         note=f"bf16 {bf16_loss:.4f}, fp32 {fp32_loss:.4f}"))
     finally:
         torch.backends.cuda.matmul.fp32_precision = old_precision
+
+
+def check_additions(device, tiny, rows):
+    """Issue 22's architecture, every field on (windows shorter than the sequence): the device vs the CPU fp32
+    reference (logits, gradients), compiled vs eager loss with no recompilation, and the KV-cached greedy decode
+    (prefill, then one token a step: windows and smear in the cache path) vs the no-cache forward."""
+    from torch._dynamo.utils import counters
+    config = replace(small_config(tiny), value_embeds=True, resid_mix=True, smear=True, backout=True, qk_scale=1.2,
+                     rope_base=100000.0, window_pattern="SL", short_window=32)
+    model = random_model(config)
+    ref, dev = make_reference(model), copy.deepcopy(model).to(device)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, config.vocab_size, (4, config.sequence_len), generator=g)
+    y = torch.randint(0, config.vocab_size, (4, config.sequence_len), generator=g)
+    old_precision = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        with torch.no_grad():
+            rows.append(row("additions: logits vs CPU fp32", rel_err(dev(x.to(device)), ref(x)), TOL["logits"]))
+        ref(x, y).backward()
+        dev(x.to(device), y.to(device)).backward()
+        worst = max(rel_err(pd.grad, pr.grad) for pd, pr in zip(dev.parameters(), ref.parameters()))
+        rows.append(row("additions: gradients vs CPU fp32 (worst tensor)", worst, TOL["grad"]))
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old_precision
+    dev.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(dev, dynamic=False)
+    with torch.no_grad():
+        eager_loss = dev(x.to(device), y.to(device)).item()
+        losses = [compiled(x.to(device), y.to(device)).item() for _ in range(3)]
+    rows.append(row("additions: compiled vs eager loss (abs)", abs(losses[-1] - eager_loss), TOL["compile_loss_abs"],
+                    note=f"{counters['frames']['total']} frame(s) compiled over 3 calls"))
+    prompt, new = x[:1, :48].to(device), 24  # past the 32-key window, so decode must drop keys
+    with torch.inference_mode():
+        cache = KVCache(1, config.n_kv_head, prompt.size(1) + new, config.n_embd // config.n_head, config.n_layer)
+        token = dev(prompt, kv_cache=cache)[:, -1:].argmax(-1)
+        cached = [token]
+        for _ in range(new - 1):
+            cached.append(dev(cached[-1], kv_cache=cache)[:, -1:].argmax(-1))
+        ids = prompt
+        for _ in range(new):
+            ids = torch.cat([ids, dev(ids)[:, -1:].argmax(-1)], dim=1)
+    mismatches = (torch.cat(cached, dim=1) != ids[:, prompt.size(1):]).sum().item()
+    rows.append(row(f"additions: cached greedy decode vs no-cache, tokens differing of {new}", mismatches, 0))
 
 
 def check_compile(device, tiny, rows):
@@ -455,7 +504,8 @@ def main(argv=None):
             "checks": checks}
     rows = []
     functions = {"reference": check_reference, "compile": check_compile, "d20": check_d20, "decode": check_decode,
-                 "torchrun": check_torchrun, "fp8": check_fp8}
+                 "torchrun": check_torchrun, "fp8": check_fp8,
+                 "additions": check_additions}
     for name in checks:
         t0 = time.perf_counter()
         try:

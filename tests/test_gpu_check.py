@@ -26,7 +26,8 @@ def test_every_check_runs_on_the_cpu_and_passes(tmp_path):
     for prefix in ("reference: logits", "reference: gradients", "reference: Muon+AdamW step", "reference: bf16 autocast",
                    "compile: recompilations", "compile: compiled vs eager", "d2 train: tokens/s", "d2 train: MFU",
                    "d2 decode batch 1", "d2 decode batch 8", "d2 prefill", "d2 batched decode, 1 request", "d2 batched decode, 8 request",
-                   "torchrun x1 base_train (gloo)", "fp8 d2: loss after"):
+                   "torchrun x1 base_train (gloo)", "fp8 d2: loss after",
+                   "additions: logits", "additions: gradients", "additions: compiled", "additions: cached greedy"):
         assert any(name.startswith(prefix) for name in rows), (prefix, list(rows))
     assert rows["compile: recompilations over steps 2-4"]["value"] == 0
     assert rows["d2 train: tokens/s"]["value"] > 0 and 0 < rows["d2 train: MFU"]["value"] < 1
