@@ -12,8 +12,8 @@ against classic, tokens/s and wall-clock.
     python -m bench.recipe --speed             # tokens/s only: each recipe in turn, alone, short runs
     python -m bench.recipe --suite architecture   # issue 22: each architecture addition on top of the 2026 recipe
 
-With --jobs > 1 the runs share the CPU, so their tokens/s are not comparable; the table's tokens/s
-column comes from the --speed pass when one was made (quiet, one run at a time, recipes alternated).
+With --jobs > 1 the runs share the CPU, so their tokens/s are not comparable: measure speed apart, with
+--speed on an otherwise quiet machine (one run at a time, recipes alternated, 30 steps each, twice).
 
 Data: the Gutenberg + WikiText-2 text of the full local copy ($NANOCHAT_LOCAL_DATA or ../shared/data),
 shards and an 8192-token tokenizer built once into --work-dir (kept, so reruns skip it).
@@ -159,7 +159,7 @@ def main():
     p.add_argument("--work-dir", default=os.path.join(REPO_ROOT, ".bench_recipe"), help="shards, tokenizer, runs")
     p.add_argument("--fresh", action="store_true", help="rerun runs whose results are already in --work-dir")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, the cores shared between them")
-    p.add_argument("--speed", action="store_true", help="also measure tokens/s alone per recipe (short quiet runs)")
+    p.add_argument("--speed", action="store_true", help="only tokens/s per recipe: short runs alone, alternated")
     ns = p.parse_args()
     if ns.jobs < 1:
         p.error("--jobs must be >= 1")
@@ -170,6 +170,14 @@ def main():
     import torch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; seq {ns.seq}, {ns.batch_tokens} tokens/step, "
           f"{ns.steps} steps, fp32; seeds 1..{ns.seeds}", flush=True)
+    if ns.speed:
+        print("| depth | recipe | tokens/s (median of 2 alternated 30-step runs, alone) | vs " + ns.recipes[0] + " |")
+        print("|---:|---|---:|---:|")
+        for depth in ns.depths:
+            tps = speed(ns.recipes, depth, ns, env)
+            for name in ns.recipes:
+                print(f"| {depth} | {name} | {tps[name]:,.0f} | {tps[name] / tps[ns.recipes[0]]:.2f}x |", flush=True)
+        return
     results = {}
     todo = [(depth, name, seed) for depth in ns.depths for name in ns.recipes for seed in range(1, ns.seeds + 1)]
 
@@ -182,10 +190,9 @@ def main():
     with concurrent.futures.ThreadPoolExecutor(ns.jobs) as pool:
         for f in [pool.submit(one, key) for key in todo]:
             f.result()
-    alone = {depth: speed(ns.recipes, depth, ns, env) for depth in ns.depths} if ns.speed else None
     print()
-    print("tokens/s: " + ("alone, short runs alternated (--speed)" if alone else
-                          f"median of each run's steps ({ns.jobs} run(s) at once; comparable only with --jobs 1)"))
+    print(f"tokens/s: median of each run's steps ({ns.jobs} run(s) at once; comparable only with --jobs 1 on a quiet "
+          f"machine, else see --speed)")
     baseline = ns.recipes[0]
     print(f"| depth | recipe | val bpb (mean of seeds) | spread (max - min) | vs {baseline} | tokens/s | vs {baseline} "
           f"| peak RSS MiB | wall s |")
@@ -194,7 +201,7 @@ def main():
         def summary(name):
             runs = [results[(depth, name, s)] for s in range(1, ns.seeds + 1)]
             bpb = [r["val_bpb"] for r in runs]
-            tps = alone[depth][name] if alone else statistics.mean(r["tokens_per_s"] for r in runs)
+            tps = statistics.mean(r["tokens_per_s"] for r in runs)
             peaks = [r["peak_rss_mib"] for r in runs if "peak_rss_mib" in r]  # runs before it was recorded have none
             return (statistics.mean(bpb), max(bpb) - min(bpb), tps, f"{max(peaks):,.0f}" if peaks else "-",
                     statistics.mean(r["wall_s"] for r in runs))
