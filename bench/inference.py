@@ -52,9 +52,8 @@ def random_model(args, tokenizer, **architecture):
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0, 0.02)
-        for name in ("resid_lambdas",):  # a residual stream scaled by ~0 each layer would be degenerate
-            if getattr(model, name, None) is not None:
-                getattr(model, name).fill_(1.0)
+        if model.resid_lambdas is not None:  # a residual stream scaled by ~0 each layer would be degenerate
+            model.resid_lambdas.fill_(1.0)
         specials = [tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()]
         model.lm_head.weight[specials] = 0  # keep greedy decoding away from stop/tool tokens
     return model.eval()

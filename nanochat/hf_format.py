@@ -32,7 +32,7 @@ from nanochat.common import atomic_write
 from nanochat.gpt import LOGIT_SOFTCAP, GPTConfig, layer_windows
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
-ROPE_THETA = 10000.0  # GPTConfig.rope_base's default (a config.json without one means it)
+ROPE_THETA = GPTConfig.rope_base  # the default base (a config.json without one means it)
 RMS_NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm(eps=None) on fp32 inputs
 
 
@@ -45,22 +45,16 @@ class NotExportable(ValueError):
 
 def check_exportable(config):
     """Refuses (one line) a model using an optional addition that transformers' and mlx_lm's NanoChat cannot compute."""
-    plain = GPTConfig()
-    switches = [name for name in ("value_embeds", "resid_mix", "smear", "backout") if getattr(config, name)]
-    used = [f"{name}=True" for name in switches]
-    values = []  # the flags to give their default value
-    if config.qk_scale != plain.qk_scale:
-        used.append(f"qk_scale={config.qk_scale!r}")
-        values.append("--qk-scale 1")
+    uses = [(f"{name}=True", f"without --{name.replace('_', '-')}")  # (the field in use, how to train without it)
+            for name in ("value_embeds", "resid_mix", "smear", "backout") if getattr(config, name)]
+    if config.qk_scale != GPTConfig.qk_scale:
+        uses.append((f"qk_scale={config.qk_scale!r}", "with --qk-scale 1"))
     if any(w is not None for w in layer_windows(config)):
-        used.append(f"window_pattern={config.window_pattern!r}")
-        values.append("--window-pattern L")
-    if used:
-        how = " and ".join(part for part in (
-            "without " + " ".join(f"--{name.replace('_', '-')}" for name in switches) if switches else "",
-            "with " + " ".join(values) if values else "") if part)
-        raise NotExportable(f"this model uses {', '.join(used)}, which transformers' NanoChat (and mlx_lm's) cannot "
-                            f"compute (rope_base exports); train an exportable model {how}")
+        uses.append((f"window_pattern={config.window_pattern!r}", "with --window-pattern L"))
+    if uses:
+        raise NotExportable(f"this model uses {', '.join(u for u, _ in uses)}, which transformers' NanoChat (and "
+                            f"mlx_lm's) cannot compute (rope_base exports); train an exportable model "
+                            f"{', '.join(how for _, how in uses)}")
 
 
 def shape_fields(config):

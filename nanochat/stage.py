@@ -242,8 +242,9 @@ def load_optimizer_moments(optimizers, args, meta, device, rank, world_size):
     if saved_layout != layout:
         raise SystemExit(f"error: the optimizer state of {where} has groups of {saved_layout} parameters, this "
                          f"model's optimizers {layout}; drop --load-optimizer")
-    for opt, s in zip(optimizers, saved):  # the model is the checkpoint's own, so with the same ranks and groups
-        # every state tensor fits its parameter; torch maps the state by position and casts it to each parameter's device; the groups given are our own
+    # the model is the checkpoint's own, so with the same ranks and groups every state tensor fits its parameter;
+    # torch maps the state by position and casts it to each parameter's device; the groups given are our own
+    for opt, s in zip(optimizers, saved):
         opt.load_state_dict({"state": s["state"], "param_groups": opt.state_dict()["param_groups"]})
     print0(f"optimizer state from {where} (moments only; LRs are this stage's)")
 

@@ -174,8 +174,9 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------------------------------
     # the model: built on the meta device, materialised and initialised in one place
+    architecture = architecture_fields(args)
     config = config_for_depth(args.depth, vocab_size, args.max_seq_len, head_dim=args.head_dim,
-                              aspect_ratio=args.aspect_ratio, **architecture_fields(args))
+                              aspect_ratio=args.aspect_ratio, **architecture)
     with torch.device("meta"):
         model = GPT(config)  # sizes and FLOPs are known here, before any memory is spent
     n_params, n_scaling = model.num_params(), model.num_scaling_params()
@@ -192,7 +193,7 @@ def main(argv=None):
     if args.total_batch_size == -1:  # the batch rule: from this model's training tokens against depth 12's
         with torch.device("meta"):
             reference = GPT(config_for_depth(REFERENCE_DEPTH, vocab_size, args.max_seq_len, head_dim=args.head_dim,
-                                             aspect_ratio=args.aspect_ratio, **architecture_fields(args))).num_scaling_params()
+                                             aspect_ratio=args.aspect_ratio, **architecture)).num_scaling_params()
         ratio = args.target_param_data_ratio
         args.total_batch_size = auto_batch_size(ratio * n_scaling, ratio * reference, world_tokens_per_micro)
         lr_share = batch_lr_scale(args.total_batch_size)
