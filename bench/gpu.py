@@ -9,8 +9,8 @@ says, row by row, what agreed, what it measured and what failed.
 Rows: (1) CUDA vs a CPU fp32 reference on a small model with the same weights: logits, loss, every
 gradient, one Muon+AdamW step; bf16 autocast loss. (2) torch.compile: recompilations over the steps
 after warm-up (goal 0), compiled == eager loss. (2b) the architecture additions of issue 22, every field on,
-windows shorter than the sequence: logits and gradients vs the CPU fp32 reference, compiled vs eager loss,
-and the KV-cached greedy decode (windows and smear in the cache path) vs the no-cache forward. (3) d20 training throughput (full-profile shapes:
+windows shorter than the sequence: logits and gradients vs the CPU fp32 reference, compiled vs eager loss (and
+gradients on CUDA, where compiled windows run FlexAttention), and the KV-cached greedy decode (windows and smear in the cache path) vs the no-cache forward. (3) d20 training throughput (full-profile shapes:
 device batch 32 x 2048, vocab 32768, compiled) under a memory cap of 80 GB (as an H100): peak memory
 vs the dry run's estimate, tokens/s, MFU against the H100 bf16 dense peak (989 TFLOP/s; the H200's
 dense bf16 peak is the same). (4) decode at d20 (the model + KVCache step the Engine runs): tok/s at
@@ -45,7 +45,7 @@ from nanochat.batching import BatchScheduler
 from nanochat.common import GPU_BF16_PEAK, autocast_ctx, measure_matmul_peak, open_text
 from nanochat.engine import Engine, KVCache
 from nanochat.fp8 import enable_fp8, fp8_unsupported_reason
-from nanochat.gpt import GPT, GPTConfig, config_for_depth
+from nanochat.gpt import FLEX_DEVICES, GPT, GPTConfig, config_for_depth
 from nanochat.tokenizer import RustBPETokenizer
 from nanochat.training import train_step
 
@@ -166,6 +166,13 @@ def check_additions(device, tiny, rows):
         losses = [compiled(x.to(device), y.to(device)).item() for _ in range(3)]
     rows.append(row("additions: compiled vs eager loss (abs)", abs(losses[-1] - eager_loss), TOL["compile_loss_abs"],
                     note=f"{counters['frames']['total']} frame(s) compiled over 3 calls"))
+    if device.type in FLEX_DEVICES:  # compiled, the windows run through FlexAttention: its backward too
+        dev(x.to(device), y.to(device)).backward()
+        eager_grads = [p.grad for p in dev.parameters()]
+        dev.zero_grad(set_to_none=True)
+        compiled(x.to(device), y.to(device)).backward()
+        worst = max(rel_err(p.grad, e) for p, e in zip(dev.parameters(), eager_grads))
+        rows.append(row("additions: compiled (FlexAttention windows) vs eager gradients", worst, TOL["grad"]))
     prompt, new = x[:1, :48].to(device), 24  # past the 32-key window, so decode must drop keys
     with torch.inference_mode():
         cache = KVCache(1, config.n_kv_head, prompt.size(1) + new, config.n_embd // config.n_head, config.n_layer)

@@ -43,7 +43,7 @@ PIECES = {
 }
 
 
-# issue 22's architecture additions, each as flags on top of the 2026 recipe ("all"; gpt.add_architecture_args)
+# issue 22's architecture additions, each as flags on top of the 2026 recipe ("all"; stage.add_architecture_args)
 ADDITIONS = {
     "value_embeds": ["--value-embeds"],  # ResFormer's value residual (arXiv 2410.17897), modded-nanogpt's form
     "resid_mix": ["--resid-mix"],  # learnable residual / x0 mixing per layer

@@ -23,7 +23,8 @@ bit, with no extra work; only rope_base can be exported, see hf_format):
 - backout: backout_lambda times the residual entering block n_layer // 2 is subtracted before the final norm
 - qk_scale: q and k times this after QK-norm; rope_base: RoPE's base
 - window_pattern: per layer (tiled, the last layer always full) S: a sliding window of short_window keys,
-  L: the whole context; masked per row by position in training, prefill and cached decoding alike
+  L: the whole context; masked per row by position in training, prefill and cached decoding alike (SDPA with
+  the mask; a compiled training forward on CUDA runs FlexAttention instead, which skips the masked blocks)
 (ideas from modded-nanogpt's speedrun records and nanochat's 2026 logs; our own code.) resid_mix, smear and
 backout start neutral (resid 1, x0 0, smear 0, backout 0): on a fresh model they change nothing.
 """
@@ -34,9 +35,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 LOGIT_SOFTCAP = 15.0
 GATE_CHANNELS = 12  # the value-embedding and smear gates read the first 12 channels of their input
+# device types whose compiled training forward runs sliding windows through FlexAttention (fused, block-sparse: a
+# window of T/4 does ~1/4 of the attention work); SDPA with a bool mask elsewhere (CUDA: no flash kernel for it)
+FLEX_DEVICES = ("cuda",)
 
 
 @dataclass
@@ -67,43 +72,13 @@ class GPTConfig:
 
 def config_for_depth(depth, vocab_size, sequence_len, head_dim=128, aspect_ratio=64, **architecture):
     """Model size from one knob: width = aspect_ratio * depth, rounded up to a multiple of head_dim.
-    architecture: the optional GPTConfig fields (architecture_fields)."""
+    architecture: the optional GPTConfig fields (stage.architecture_fields)."""
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
     model_dim = math.ceil(aspect_ratio * depth / head_dim) * head_dim
     n_head = model_dim // head_dim
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
                      n_head=n_head, n_kv_head=n_head, n_embd=model_dim, **architecture)
-
-
-def add_architecture_args(p):
-    """base_train's flags for the optional additions (module docstring); off by default: today's architecture."""
-    p.add_argument("--value-embeds", action="store_true", help="value embeddings on alternating layers, gated per "
-                   "head: ResFormer's value residual (Zhou et al., arXiv 2410.17897) as modded-nanogpt uses it")
-    p.add_argument("--resid-mix", action="store_true", help="per-layer learnable x = a_i x + b_i x0 before each block "
-                   "(modded-nanogpt; nanochat 2026)")
-    p.add_argument("--smear", action="store_true", help="gate the previous token's embedding into each token's "
-                   "(modded-nanogpt's smear)")
-    p.add_argument("--backout", action="store_true", help="subtract a learnable share of the mid-depth residual before "
-                   "the final norm (modded-nanogpt)")
-    p.add_argument("--qk-scale", type=float, default=1.0, help="q and k times this after QK-norm, the attention logits "
-                   "by its square (modded-nanogpt raised its attention scale; e.g. 1.2; 1: none)")
-    p.add_argument("--rope-base", type=float, default=10000.0, help="RoPE base (Su et al., arXiv 2104.09864: 10000; "
-                   "larger ones, e.g. 100000, are common since; exports as rope_theta)")
-    p.add_argument("--window-pattern", default="L", help="per layer, tiled: S = sliding window of --short-window keys, "
-                   "L = full context; the last layer is always L (nanochat 2026: SSSL; modded-nanogpt)")
-    p.add_argument("--short-window", type=int, default=0, help="keys an S layer sees (0: a quarter of --max-seq-len)")
-
-
-def architecture_fields(args):
-    """The GPTConfig fields add_architecture_args' flags give; a bad value is a one-line error."""
-    fields = {name: getattr(args, name) for name in ("value_embeds", "resid_mix", "smear", "backout", "qk_scale",
-                                                     "rope_base", "window_pattern", "short_window")}
-    try:
-        GPTConfig(**fields)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    return fields
 
 
 def layer_windows(config):
@@ -125,6 +100,11 @@ def window_mask(positions, num_keys, window):
     keys = torch.arange(num_keys, device=positions.device)
     p = positions[:, :, None]
     return ((keys <= p) & (keys > p - window))[:, None]
+
+
+def flex_window_mask(T, window, device):
+    """window_mask's rule as FlexAttention's block mask over T queries and T keys (a training forward)."""
+    return create_block_mask(lambda b, h, q, k: (k <= q) & (k > q - window), None, None, T, T, device=device)
 
 
 def norm(x):
@@ -182,7 +162,9 @@ class CausalSelfAttention(nn.Module):
             mask = window if mask is None else window & mask
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_kv_head != self.n_head
-        if kv_cache is not None and Tq == 1:
+        if isinstance(window, BlockMask):  # FLEX_DEVICES' compiled training forward
+            y = flex_attention(q, k, v, block_mask=window, enable_gqa=gqa)
+        elif kv_cache is not None and Tq == 1:
             # decode: one new token per row sees its cached keys. Two small matmuls beat the fused
             # kernel here (it is tiled for long queries); query heads are grouped by their kv head.
             Hkv, G = self.n_kv_head, self.n_head // self.n_kv_head
@@ -393,8 +375,10 @@ class GPT(nn.Module):
         else:  # (rows, T, 1, D/2): gathered per row
             cos_sin = self.cos[0, positions], self.sin[0, positions]
         windows = {}  # window size -> its mask over this call's keys (end of them), built once for its layers
+        flex = positions is None and idx.device.type in FLEX_DEVICES and torch.compiler.is_compiling()
         for w in set(self.windows) - {None}:
-            windows[w] = window_mask(torch.arange(T, device=idx.device)[None] if positions is None else positions, end, w)
+            windows[w] = (flex_window_mask(T, w, idx.device) if flex else
+                          window_mask(torch.arange(T, device=idx.device)[None] if positions is None else positions, end, w))
         x = norm(self.transformer.wte(idx))
         if self.smear_lambda is not None:
             x = self._smear(x, idx, kv_cache)

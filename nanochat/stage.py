@@ -3,6 +3,7 @@ What every training stage script (base, mid, SFT, RL) shares around its loop, so
 is flags -> objects -> its own loop -> save, and the loop's bookkeeping is written once:
 
 - the flags every stage has (checkpointing, resume, stop, seed, wandb run, LRs);
+- the model's architecture flags (base_train's; later stages take the checkpoint's);
 - LoopState: the loop's counters and statistics, saved in a checkpoint's meta["loop"] and restored
   by --resume (each stage adds its own fields in a small subclass);
 - resume_run: the latest checkpoint of a stage's folder back into model and optimizers;
@@ -34,6 +35,36 @@ SMOOTHING = 0.9  # EMA factor of the logged loss
 
 # -------------------------------------------------------------------------------------------------
 # flags
+
+
+def add_architecture_args(p):
+    """base_train's flags for the optional additions (module docstring); off by default: today's architecture."""
+    p.add_argument("--value-embeds", action="store_true", help="value embeddings on alternating layers, gated per "
+                   "head: ResFormer's value residual (Zhou et al., arXiv 2410.17897) as modded-nanogpt uses it")
+    p.add_argument("--resid-mix", action="store_true", help="per-layer learnable x = a_i x + b_i x0 before each block "
+                   "(modded-nanogpt; nanochat 2026)")
+    p.add_argument("--smear", action="store_true", help="gate the previous token's embedding into each token's "
+                   "(modded-nanogpt's smear)")
+    p.add_argument("--backout", action="store_true", help="subtract a learnable share of the mid-depth residual before "
+                   "the final norm (modded-nanogpt)")
+    p.add_argument("--qk-scale", type=float, default=1.0, help="q and k times this after QK-norm, the attention logits "
+                   "by its square (modded-nanogpt raised its attention scale; e.g. 1.2; 1: none)")
+    p.add_argument("--rope-base", type=float, default=10000.0, help="RoPE base (Su et al., arXiv 2104.09864: 10000; "
+                   "larger ones, e.g. 100000, are common since; exports as rope_theta)")
+    p.add_argument("--window-pattern", default="L", help="per layer, tiled: S = sliding window of --short-window keys, "
+                   "L = full context; the last layer is always L (nanochat 2026: SSSL; modded-nanogpt)")
+    p.add_argument("--short-window", type=int, default=0, help="keys an S layer sees (0: a quarter of --max-seq-len)")
+
+
+def architecture_fields(args):
+    """The GPTConfig fields add_architecture_args' flags give; a bad value is a one-line error."""
+    fields = {name: getattr(args, name) for name in ("value_embeds", "resid_mix", "smear", "backout", "qk_scale",
+                                                     "rope_base", "window_pattern", "short_window")}
+    try:
+        GPTConfig(**fields)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    return fields
 
 
 def add_lr_args(parser, inherit=False):

@@ -32,13 +32,13 @@ from nanochat.common import (GPU_BF16_PEAK, compute_cleanup, get_base_dir, gpu_p
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import REMOTE_SHARD_CHARS, list_shards, shard_chars, shards_needed
 from nanochat.fp8 import maybe_enable_fp8
-from nanochat.gpt import GPT, add_architecture_args, architecture_fields, config_for_depth
+from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.schedule import (REFERENCE_DEPTH, add_recipe_args, auto_batch_size, base_schedule, batch_lr_scale,
                                batch_weight_decay_scale, peak_lrs)
-from nanochat.stage import (LoopState, StageLog, StopRequest, add_loop_args, add_lr_args, due, init_stage,
-                            optimizer_recipe, resume_run, save_stage)
+from nanochat.stage import (LoopState, StageLog, StopRequest, add_architecture_args, add_loop_args, add_lr_args,
+                            architecture_fields, due, init_stage, optimizer_recipe, resume_run, save_stage)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import train_step
 

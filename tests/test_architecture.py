@@ -20,8 +20,9 @@ import torch
 from conftest import REPO_ROOT, shakespeare
 from nanochat.batching import BatchScheduler
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig, add_architecture_args, architecture_fields, layer_windows, window_mask
+from nanochat.gpt import GPT, GPTConfig, layer_windows, window_mask
 from nanochat.kv_cache import KVCache, SlotCache
+from nanochat.stage import add_architecture_args, architecture_fields
 from nanochat.tokenizer import RustBPETokenizer
 from test_train import TINY, env_base, metrics, run_train  # noqa: F401 (env_base: shards + tokenizer, a fixture)
 
@@ -149,6 +150,42 @@ def test_window_mask_equals_loops_and_windows_follow_the_pattern():
         model(changed)
     moved = (outputs[0] - outputs[1]).abs().amax(dim=-1)[0]
     assert moved[:8].max() == 0 and (moved[8:12] > 1e-3).all() and moved[12:].max() == 0, moved
+
+
+def test_flex_attention_windows_equal_the_sdpa_mask(monkeypatch):
+    """The CUDA training path for windows: FlexAttention with flex_window_mask equals SDPA with window_mask (forward:
+    FlexAttention has no backward on a CPU; bench.gpu compares its gradients on CUDA), blocks of 128 crossed; and a
+    compiled forward on a FLEX_DEVICES device builds its block masks in the graph (no break) with the eager logits."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    import nanochat.gpt as gpt
+    torch.manual_seed(0)
+    for T, window, heads in ((64, 7, (4, 2)), (50, 1, (2, 2)), (40, 100, (4, 1)), (300, 133, (2, 1))):
+        q = torch.randn(2, heads[0], T, 16)
+        k, v = torch.randn(2, 2, heads[1], T, 16).unbind(1)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=window_mask(torch.arange(T)[None], T, window), enable_gqa=True)
+        got = flex_attention(q, k, v, block_mask=gpt.flex_window_mask(T, window, "cpu"), enable_gqa=True)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    model = GPT(GPTConfig(sequence_len=40, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, **ALL))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        idx = torch.randint(0, 100, (2, 40))
+        eager = model(idx)
+        built = []
+        monkeypatch.setattr(gpt, "FLEX_DEVICES", ("cpu",))
+        real = gpt.flex_window_mask
+        monkeypatch.setattr(gpt, "flex_window_mask", lambda *a: built.append(a) or real(*a))
+        model(idx)  # eager FlexAttention is an unfused reference: eager stays on SDPA
+        assert built == []
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, dynamic=False)(idx)
+    assert [a[:2] for a in built] == [(40, 6)] and not counters["graph_break"]
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
