@@ -13,6 +13,8 @@
 #   NANOCHAT_VENV       the virtual environment to create/use (default .venv)
 #   WANDB_RUN           log to wandb under this run name (unset: no wandb)
 #   NANOCHAT_RL         1: run the RL stage (default on the tiny profile), 0: skip it (default on full)
+#   NANOCHAT_EXPORTABLE 1: train the full profile without the architecture addition export_hf cannot carry
+#                       (value embeddings), so the model runs in transformers, vLLM and MLX-LM
 #   NPROC               processes per node for torchrun (default: the number of GPUs)
 #   NANOCHAT_DEVICE_BATCH  rows per GPU per micro-batch for pretraining (default 32 full, 8 tiny); lower
 #                       it when a GPU runs out of memory: gradient accumulation keeps the total batch
@@ -53,6 +55,7 @@ TORCHRUN="$VENV/bin/torchrun"
 # profile
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 PROFILE="${NANOCHAT_PROFILE:-auto}"
+ARCH_FLAGS=()  # base_train's architecture additions (gpt.py): none unless the profile says
 if [ "$PROFILE" = auto ]; then
     if [ "$GPUS" -gt 0 ]; then PROFILE=full; else PROFILE=tiny; fi
 fi
@@ -66,6 +69,9 @@ if [ "$PROFILE" = full ]; then
     DEPTH=20; SEQ=2048; VOCAB=32768; TOK_CHARS=2000000000; DEVICE_BATCH="${NANOCHAT_DEVICE_BATCH:-32}"; TOTAL_BATCH=-1
     MID_BATCH=524288  # midtraining's own batch (as before the batch rule)
     BASE_FLAGS=(--compile)
+    # value embeddings: the architecture addition with a published GPU-scale win that this CPU's table confirms
+    # (bench/README.md: -0.017 val bpb at d4); export_hf refuses such a model: NANOCHAT_EXPORTABLE=1
+    ARCH_FLAGS=(--value-embeds)
     EVAL_TOKENS=$((20 * 524288)); CORE_MAX_PER_TASK=-1
     BASE_FORMAT_FLAGS=(--max-problems 200)
     MID_FLAGS=(); CHAT_EVAL_FLAGS=()
@@ -102,6 +108,7 @@ else
     echo "error: NANOCHAT_PROFILE must be auto, tiny, mini or full (got '$PROFILE')" >&2
     exit 1
 fi
+if [ "${NANOCHAT_EXPORTABLE:-0}" != 1 ]; then BASE_FLAGS+=("${ARCH_FLAGS[@]}"); fi
 
 # stage NAME CMD...: runs CMD unless NAME completed before with the same command; names the
 # stage when it fails

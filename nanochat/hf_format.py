@@ -54,7 +54,7 @@ def check_exportable(config):
     if uses:
         raise NotExportable(f"this model uses {', '.join(u for u, _ in uses)}, which transformers' NanoChat (and "
                             f"mlx_lm's) cannot compute (rope_base exports); train an exportable model "
-                            f"{', '.join(how for _, how in uses)}")
+                            f"{', '.join(how for _, how in uses)} (speedrun.sh: NANOCHAT_EXPORTABLE=1)")
 
 
 def shape_fields(config):
