@@ -28,7 +28,7 @@ from nanochat.checkpoint import (SOURCES, checkpoint_dir_for, find_last_step, lo
                                 load_rank_state, rank_file, save_checkpoint)
 from nanochat.common import DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir, parse_dtype, print0
 from nanochat.gpt import GPTConfig
-from nanochat.schedule import peak_lrs
+from nanochat.schedule import SCALAR_BETAS, SCALAR_LR, peak_lrs
 
 SMOOTHING = 0.9  # EMA factor of the logged loss
 
@@ -147,7 +147,12 @@ def stage_optimizers(model, args, dtype, meta):
     --init-lr-frac. Checkpoints from before recipes were recorded count as today's defaults. Returns
     (optimizers, recipe); the recipe goes into this stage's checkpoints, so the next stage inherits it too.
     """
-    recipe = meta.get("recipe") or optimizer_recipe(peak_lrs(model.config.n_embd))
+    recipe = meta.get("recipe")
+    if recipe is None:  # today's defaults, with the architecture's scalars where the model has them
+        scalars = "scalars" in model.param_groups()
+        betas = {"embedding": (0.8, 0.95), "lm_head": (0.8, 0.95), **({"scalars": SCALAR_BETAS} if scalars else {})}
+        recipe = optimizer_recipe(peak_lrs(model.config.n_embd, scalar_lr=SCALAR_LR if scalars else None),
+                                  adam_betas=betas)
     given = {"matrix": args.matrix_lr, "embedding": args.embedding_lr, "lm_head": args.unembedding_lr}
     flagged = peak_lrs(model.config.n_embd, *(v or 0.0 for v in given.values()))
     # the recipe's other groups (the architecture's 'scalars') keep their LR: no flag of this stage sets them

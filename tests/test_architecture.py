@@ -463,6 +463,24 @@ def test_base_train_two_ranks_equal_one_process_with_every_field_on(env_base, un
 # export
 
 
+def test_a_post_training_stage_trains_the_gates_of_a_checkpoint_without_a_recipe(base_dir):
+    """mid_train (SFT and RL take the same stage_optimizers) on a value-embedding checkpoint that records no recipe
+    (made by hand, or before recipes were recorded): the gates get the scalars' group with today's LR and train."""
+    from nanochat.checkpoint import load_model, save_checkpoint
+    from test_post_training import run_mid
+    tok = RustBPETokenizer.train_from_iterator(iter([shakespeare(50_000)]), 400)
+    tok.save(os.path.join(base_dir, "tokenizer"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                          n_embd=64, value_embeds=True))
+    model.init_weights()
+    save_checkpoint(os.path.join(base_dir, "base_checkpoints", "d2"), 5, model, [],
+                    {"model_config": dataclasses.asdict(model.config)})
+    run_mid(base_dir, "--num-iterations", "2")
+    trained, _, meta = load_model("mid", "cpu")
+    assert meta["recipe"]["lrs"]["scalars"] > 0 and trained.transformer.h[1].attn.ve_gate.abs().max() > 0
+
+
 def test_export_refuses_the_fields_it_cannot_represent_and_exports_a_rope_base(tokenizer, tmp_path):
     from nanochat.checkpoint import save_checkpoint
     from nanochat.hf_format import NotExportable, export_folder, import_folder
