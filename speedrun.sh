@@ -70,7 +70,7 @@ if [ "$PROFILE" = full ]; then
     MID_BATCH=524288  # midtraining's own batch (as before the batch rule)
     BASE_FLAGS=(--compile)
     # value embeddings: the architecture addition with a published GPU-scale win that this CPU's table confirms
-    # (bench/README.md: -0.017 val bpb at d4); export_hf refuses such a model: NANOCHAT_EXPORTABLE=1
+    # (bench/README.md: -0.016 val bpb at d4); export_hf refuses such a model: NANOCHAT_EXPORTABLE=1
     ARCH_FLAGS=(--value-embeds)
     EVAL_TOKENS=$((20 * 524288)); CORE_MAX_PER_TASK=-1
     BASE_FORMAT_FLAGS=(--max-problems 200)
