@@ -9,8 +9,9 @@ says, row by row, what agreed, what it measured and what failed.
 Rows: (1) CUDA vs a CPU fp32 reference on a small model with the same weights: logits, loss, every
 gradient, one Muon+AdamW step; bf16 autocast loss. (2) torch.compile: recompilations over the steps
 after warm-up (goal 0), compiled == eager loss. (2b) the architecture additions of issue 22, every field on,
-windows shorter than the sequence: logits and gradients vs the CPU fp32 reference, compiled vs eager loss (and
-gradients on CUDA, where compiled windows run FlexAttention), and the KV-cached greedy decode (windows and smear in the cache path) vs the no-cache forward. (3) d20 training throughput (full-profile shapes:
+windows shorter than the sequence: logits and gradients vs the CPU fp32 reference, compiled vs eager loss
+(and gradients on CUDA, where compiled windows run FlexAttention), and the KV-cached greedy decode (windows
+and smear in the cache path) vs the no-cache forward. (3) d20 training throughput (full-profile shapes:
 device batch 32 x 2048, vocab 32768, compiled) under a memory cap of 80 GB (as an H100): peak memory
 vs the dry run's estimate, tokens/s, MFU against the H100 bf16 dense peak (989 TFLOP/s; the H200's
 dense bf16 peak is the same). (4) decode at d20 (the model + KVCache step the Engine runs): tok/s at

@@ -148,11 +148,11 @@ def stage_optimizers(model, args, dtype, meta):
     (optimizers, recipe); the recipe goes into this stage's checkpoints, so the next stage inherits it too.
     """
     recipe = meta.get("recipe")
-    if recipe is None:  # today's defaults, with the architecture's scalars where the model has them
+    if recipe is None:  # a checkpoint that records none: the defaults, and the scalars' where the model has them
         scalars = "scalars" in model.param_groups()
-        betas = {"embedding": (0.8, 0.95), "lm_head": (0.8, 0.95), **({"scalars": SCALAR_BETAS} if scalars else {})}
-        recipe = optimizer_recipe(peak_lrs(model.config.n_embd, scalar_lr=SCALAR_LR if scalars else None),
-                                  adam_betas=betas)
+        recipe = optimizer_recipe(peak_lrs(model.config.n_embd, scalar_lr=SCALAR_LR if scalars else None))
+        if scalars:
+            recipe["adam_betas"]["scalars"] = list(SCALAR_BETAS)
     given = {"matrix": args.matrix_lr, "embedding": args.embedding_lr, "lm_head": args.unembedding_lr}
     flagged = peak_lrs(model.config.n_embd, *(v or 0.0 for v in given.values()))
     # the recipe's other groups (the architecture's 'scalars') keep their LR: no flag of this stage sets them
