@@ -53,6 +53,10 @@ ADDITIONS = {
     "rope_base": ["--rope-base", "100000"],
     "windows": ["--window-pattern", "SSSL"],  # short window = a quarter of the context, the last layer full
 }
+# an addition at other values than its flags' defaults: in the architecture suite, not in arch_all
+VARIANTS = {
+    "resid_mix_lr05": ["--resid-mix", "--scalar-lr", "0.5"],  # nanochat's scalar LR: x0 lambdas 0.5, residual 0.005
+}
 SUITES = {"recipe": "issue 21: classic vs each 2026 optimizer/schedule piece vs all of them",
           "architecture": "issue 22: the 2026 recipe (all) vs each architecture addition on top vs all of them"}
 
@@ -63,6 +67,7 @@ def recipes():
     out["all"] = CLASSIC + [f for flags in PIECES.values() for f in flags]  # later flags win in argparse
     out.update({f"arch_{name}": out["all"] + flags for name, flags in ADDITIONS.items()})
     out["arch_all"] = out["all"] + [f for flags in ADDITIONS.values() for f in flags]
+    out.update({f"arch_{name}": out["all"] + flags for name, flags in VARIANTS.items()})
     return out
 
 
@@ -184,8 +189,10 @@ def main():
     def one(key):
         depth, name, seed = key
         r = results[key] = run(name, all_recipes[name], depth, seed, ns, env)
-        print(f"  d{depth} {name:14s} seed {seed}: val bpb {r['val_bpb']:.4f}, {r['tokens_per_s']:,.0f} tok/s, "
-              f"{r['wall_s']:.0f} s{' (an earlier run)' if r.get('cached') else ''}", flush=True)
+        line = (f"  d{depth} {name:14s} seed {seed}: val bpb {r['val_bpb']:.4f}, {r['tokens_per_s']:,.0f} tok/s, "
+                f"{r['wall_s']:.0f} s{' (an earlier run)' if r.get('cached') else ''}\n")
+        sys.stdout.write(line)  # one write: print's separate newline interleaves between the pool's threads
+        sys.stdout.flush()
 
     with concurrent.futures.ThreadPoolExecutor(ns.jobs) as pool:
         for f in [pool.submit(one, key) for key in todo]:

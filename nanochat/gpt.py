@@ -320,12 +320,13 @@ class GPT(nn.Module):
         'scalars' too for a model that has them), as nanochat.schedule.peak_lrs decides them (its defaults for
         this width when None). weight_decay and adam_betas: AdamW's, one value for every group or a dict by group
         name ({'embedding': ..., 'lm_head': ..., 'scalars': ...}); the scalars are never decayed (weight decay
-        would pull the residual lambdas to 0). muon_weight_decay and muon_options (orthogonalize, beta2,
+        would pull the residual lambdas to 0), and the residual lambdas (a product through every layer) train in an
+        AdamW group of their own, 'resid_lambdas', at RESID_LR_FRACTION of the scalars' LR. muon_weight_decay and muon_options (orthogonalize, beta2,
         cautious): Muon's. ns_dtype: the dtype of Muon's orthogonalisation matmuls (None: bf16 on GPU, fp32
         elsewhere). Returns [adamw, muon], their peaks recorded for a Schedule.
         """
         from nanochat.optim import AdamW, Muon  # optim knows nothing of the model; import at use
-        from nanochat.schedule import SCALAR_LR, peak_lrs, record_peaks
+        from nanochat.schedule import RESID_LR_FRACTION, SCALAR_LR, peak_lrs, record_peaks
         lrs = lrs or peak_lrs(self.config.n_embd, scalar_lr=SCALAR_LR)
         params = self.param_groups()
         adam_names = [name for name in ("lm_head", "embedding", "scalars") if name in params]
@@ -338,7 +339,13 @@ class GPT(nn.Module):
             decay = 0.0 if name == "scalars" else weight_decay[name] if isinstance(weight_decay, dict) else weight_decay
             betas = adam_betas[name] if isinstance(adam_betas, dict) else adam_betas
             return {"params": params[name], "lr": lrs[name], "name": name, "betas": tuple(betas), "weight_decay": decay}
-        adamw = AdamW([group(name) for name in adam_names], eps=1e-10)
+        groups = [group(name) for name in adam_names]
+        if self.resid_lambdas is not None:  # the multiplicative residual lambdas: their own group at a fraction of the LR
+            scalars = groups[adam_names.index("scalars")]
+            scalars["params"] = [p for p in scalars["params"] if p is not self.resid_lambdas]
+            groups.append(dict(scalars, params=[self.resid_lambdas], lr=scalars["lr"] * RESID_LR_FRACTION,
+                               name="resid_lambdas"))
+        adamw = AdamW(groups, eps=1e-10)
         muon = Muon(params["matrix"], lr=lrs["matrix"], momentum=0.95, ns_dtype=ns_dtype, weight_decay=muon_weight_decay,
                     **muon_options)
         return record_peaks([adamw, muon])

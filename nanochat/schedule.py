@@ -33,6 +33,9 @@ BATCH_EXPONENT = 0.383
 # group for its scalar parameters (lr 0.04, betas (0.8, 0.95), no weight decay), tuned at width 768
 SCALAR_LR = 0.04
 SCALAR_BETAS = (0.8, 0.95)
+# the residual lambdas (--resid-mix) multiply the residual stream at every layer, so a step on them compounds through
+# the depth: nanochat measured that they need ~100x less LR than the additive x0 lambdas (dev/LOG.md 2026-01-11)
+RESID_LR_FRACTION = 0.01
 
 
 def auto_batch_size(tokens, reference_tokens, unit):
@@ -163,7 +166,8 @@ def add_recipe_args(p):
                        help=f"AdamW betas of the {name}")
         p.add_argument(f"--{group}-weight-decay", type=float, default=0.0, help=f"AdamW weight decay of the {name}")
     p.add_argument("--scalar-lr", type=float, default=SCALAR_LR, help="AdamW LR of the architecture's scalars and "
-                   "gates (--resid-mix, --smear, --backout, --value-embeds; modded-nanogpt's; not decayed)")
+                   "gates (--resid-mix, --smear, --backout, --value-embeds; modded-nanogpt's; not decayed; the residual "
+                   "lambdas of --resid-mix at RESID_LR_FRACTION of it)")
     p.add_argument("--scalar-betas", type=float, nargs=2, default=list(SCALAR_BETAS), metavar=("BETA1", "BETA2"),
                    help="AdamW betas of the scalars")
     p.add_argument("--muon-weight-decay", type=float, default=0.2,  # 2026: 0.2 at d12 (arXiv 2510.12402's decay)

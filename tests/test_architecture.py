@@ -382,12 +382,16 @@ def test_optimizer_groups_flags_and_flops():
     betas = {"embedding": (0.7, 0.9), "lm_head": (0.8, 0.95), "scalars": (0.85, 0.99)}
     adamw, muon = model.setup_optimizers(lrs, weight_decay={"embedding": 0.1, "lm_head": 0.2}, adam_betas=betas)
     groups = {g["name"]: g for g in adamw.param_groups}
-    assert list(groups) == ["lm_head", "embedding", "scalars"]
+    assert list(groups) == ["lm_head", "embedding", "scalars", "resid_lambdas"]
     assert groups["scalars"]["lr"] == pytest.approx(0.02) and groups["scalars"]["betas"] == (0.85, 0.99)
     assert groups["scalars"]["weight_decay"] == 0 and groups["embedding"]["weight_decay"] == 0.1
     gates = [b.attn.ve_gate for b in model.transformer.h if b.attn.ve_gate is not None]
-    scalars = [model.resid_lambdas, model.x0_lambdas, model.smear_gate, model.smear_lambda, model.backout_lambda, *gates]
+    scalars = [model.x0_lambdas, model.smear_gate, model.smear_lambda, model.backout_lambda, *gates]
     assert {id(p) for p in groups["scalars"]["params"]} == {id(p) for p in scalars} and len(gates) == 2
+    # the residual lambdas (multiplied through every layer): their own group at 1/100 of the scalars' LR, not decayed
+    resid = groups["resid_lambdas"]
+    assert resid["params"] == [model.resid_lambdas] and resid["lr"] == pytest.approx(0.02 * 0.01)
+    assert resid["betas"] == (0.85, 0.99) and resid["weight_decay"] == 0 and resid["initial_lr"] == resid["lr"]
     embeddings = [model.transformer.wte.weight, *(t.weight for t in model.value_embeds.values())]
     assert {id(p) for p in groups["embedding"]["params"]} == {id(p) for p in embeddings}
     matrices = [lin.weight for b in model.transformer.h for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.attn.c_proj,
@@ -400,6 +404,7 @@ def test_optimizer_groups_flags_and_flops():
     (adamw, _), recipe = stage_optimizers(model, args, torch.float32, {"recipe": optimizer_recipe(lrs, adam_betas=betas)})
     groups = {g["name"]: g for g in adamw.param_groups}
     assert recipe["lrs"]["scalars"] == lrs["scalars"] and groups["scalars"]["initial_lr"] == pytest.approx(0.002)
+    assert groups["resid_lambdas"]["initial_lr"] == pytest.approx(0.002 * 0.01)
     assert groups["scalars"]["betas"] == (0.85, 0.99)
     # the flags: off by default (today's config), each field from its flag, a bad value a one-line error
     p = argparse.ArgumentParser()
