@@ -1,9 +1,9 @@
 """
 The pretraining recipe at equal FLOPs: the classic recipe (Muon with Newton-Schulz, no weight decay,
 momentum 0.85 -> 0.95, warmdown over the last 20% to 0) against each 2026 piece alone, all of them
-together, and all but NorMuon (a leave-one-out), at depth 4 and 6, several seeds, on one pinned val split. Every run is the real
-scripts.base_train (fp32, the same steps, batch and sequence length, so the same FLOPs; the model
-seed changes). Prints val bpb per run, then per recipe the mean over seeds with the spread, the change
+together, and all but NorMuon (a leave-one-out), at depth 4 and 6, several seeds, on one pinned val
+split. Every run is the real scripts.base_train (fp32, the same steps, batch and sequence length, so
+the same FLOPs; the model seed changes). Prints val bpb per run, then per recipe the mean over seeds with the spread, the change
 against classic, tokens/s and wall-clock.
 
     python -m bench.recipe                                     # depths 4 and 6, 3 seeds, 300 steps
@@ -75,7 +75,9 @@ def recipes():
 def suite_recipes(suite):
     """The recipes a suite compares, its baseline first."""
     names = list(recipes())
-    return names[:names.index("all_but_normuon") + 1] if suite == "recipe" else ["all"] + [n for n in names if n.startswith("arch_")]
+    if suite == "recipe":
+        return names[:names.index("all_but_normuon") + 1]
+    return ["all"] + [n for n in names if n.startswith("arch_")]
 
 
 def py(argv, env, log=None):
