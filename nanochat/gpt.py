@@ -322,8 +322,8 @@ class GPT(nn.Module):
         name ({'embedding': ..., 'lm_head': ..., 'scalars': ...}); the scalars are never decayed (weight decay
         would pull the residual lambdas to 0), and the residual lambdas (a product through every layer) train in an
         AdamW group of their own, 'resid_lambdas', at RESID_LR_FRACTION of the scalars' LR. muon_weight_decay and
-        muon_options (orthogonalize, beta2, cautious): Muon's. ns_dtype: the dtype of Muon's orthogonalisation matmuls (None: bf16 on GPU, fp32
-        elsewhere). Returns [adamw, muon], their peaks recorded for a Schedule.
+        muon_options (orthogonalize, beta2, cautious): Muon's. ns_dtype: the dtype of Muon's orthogonalisation
+        matmuls (None: bf16 on GPU, fp32 elsewhere). Returns [adamw, muon], their peaks recorded for a Schedule.
         """
         from nanochat.optim import AdamW, Muon  # optim knows nothing of the model; import at use
         from nanochat.schedule import RESID_LR_FRACTION, SCALAR_LR, peak_lrs, record_peaks
