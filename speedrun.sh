@@ -13,8 +13,9 @@
 #   NANOCHAT_VENV       the virtual environment to create/use (default .venv)
 #   WANDB_RUN           log to wandb under this run name (unset: no wandb)
 #   NANOCHAT_RL         1: run the RL stage (default on the tiny profile), 0: skip it (default on full)
-#   NANOCHAT_EXPORTABLE 1: train the full profile without the architecture addition export_hf cannot carry
-#                       (value embeddings), so the model runs in transformers, vLLM and MLX-LM
+#   NANOCHAT_EXPORTABLE 1: train without the architecture additions export_hf cannot carry (value embeddings,
+#                       smear, backout, qk scale, rope base, SSSL windows), so the model runs in transformers,
+#                       vLLM and MLX-LM (bench/README.md: it gives up ~0.03 val bpb at d4-d6 at equal FLOPs)
 #   NPROC               processes per node for torchrun (default: the number of GPUs)
 #   NANOCHAT_DEVICE_BATCH  rows per GPU per micro-batch for pretraining (default 32 full, 8 tiny); lower
 #                       it when a GPU runs out of memory: gradient accumulation keeps the total batch
@@ -55,7 +56,10 @@ TORCHRUN="$VENV/bin/torchrun"
 # profile
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 PROFILE="${NANOCHAT_PROFILE:-auto}"
-ARCH_FLAGS=()  # base_train's architecture additions (gpt.py): none unless the profile says
+# base_train's architecture additions (gpt.py), every profile: all of issue 22's but resid_mix, which measured
+# worse (bench/README.md: -0.030 val bpb at d4, -0.037 at d6 vs the 2026 recipe alone, equal FLOPs, 3 seeds;
+# resid_mix added back: +0.004). export_hf refuses such a model: NANOCHAT_EXPORTABLE=1 trains without them
+ARCH_FLAGS=(--value-embeds --smear --backout --qk-scale 1.2 --rope-base 100000 --window-pattern SSSL)
 if [ "$PROFILE" = auto ]; then
     if [ "$GPUS" -gt 0 ]; then PROFILE=full; else PROFILE=tiny; fi
 fi
@@ -69,9 +73,6 @@ if [ "$PROFILE" = full ]; then
     DEPTH=20; SEQ=2048; VOCAB=32768; TOK_CHARS=2000000000; DEVICE_BATCH="${NANOCHAT_DEVICE_BATCH:-32}"; TOTAL_BATCH=-1
     MID_BATCH=524288  # midtraining's own batch (as before the batch rule)
     BASE_FLAGS=(--compile)
-    # value embeddings: the architecture addition with a published GPU-scale win that this CPU's table confirms
-    # (bench/README.md: -0.016 val bpb at d4); export_hf refuses such a model: NANOCHAT_EXPORTABLE=1
-    ARCH_FLAGS=(--value-embeds)
     EVAL_TOKENS=$((20 * 524288)); CORE_MAX_PER_TASK=-1
     BASE_FORMAT_FLAGS=(--max-problems 200)
     MID_FLAGS=(); CHAT_EVAL_FLAGS=()

@@ -68,6 +68,8 @@ def recipes():
     out["all_but_normuon"] = out["all"] + ["--normuon-beta2", "0"]  # leave-one-out: NorMuon's share of "all"
     out.update({f"arch_{name}": out["all"] + flags for name, flags in ADDITIONS.items()})
     out["arch_all"] = out["all"] + [f for flags in ADDITIONS.values() for f in flags]
+    # leave-one-out: every addition but resid_mix, the one that measured worse alone (the default candidate)
+    out["arch_all_but_resid_mix"] = out["all"] + [f for n, flags in ADDITIONS.items() if n != "resid_mix" for f in flags]
     out.update({f"arch_{name}": out["all"] + flags for name, flags in VARIANTS.items()})
     return out
 
