@@ -3,8 +3,8 @@ The pretraining recipe at equal FLOPs: the classic recipe (Muon with Newton-Schu
 momentum 0.85 -> 0.95, warmdown over the last 20% to 0) against each 2026 piece alone, all of them
 together, and all but NorMuon (a leave-one-out), at depth 4 and 6, several seeds, on one pinned val
 split. Every run is the real scripts.base_train (fp32, the same steps, batch and sequence length, so
-the same FLOPs; the model seed changes). Prints val bpb per run, then per recipe the mean over seeds with the spread, the change
-against classic, tokens/s and wall-clock.
+the same FLOPs; the model seed changes). Prints val bpb per run, then per recipe the mean over seeds
+with the spread, the change against classic, tokens/s and wall-clock.
 
     python -m bench.recipe                                     # depths 4 and 6, 3 seeds, 300 steps
     python -m bench.recipe --depths 4 --seeds 1 --steps 100 --recipes classic all   # a quick look
@@ -67,9 +67,10 @@ def recipes():
     out["all"] = CLASSIC + [f for flags in PIECES.values() for f in flags]  # later flags win in argparse
     out["all_but_normuon"] = out["all"] + ["--normuon-beta2", "0"]  # leave-one-out: NorMuon's share of "all"
     out.update({f"arch_{name}": out["all"] + flags for name, flags in ADDITIONS.items()})
-    out["arch_all"] = out["all"] + [f for flags in ADDITIONS.values() for f in flags]
-    # leave-one-out: every addition but resid_mix, the one that measured worse alone (the default candidate)
-    out["arch_all_but_resid_mix"] = out["all"] + [f for n, flags in ADDITIONS.items() if n != "resid_mix" for f in flags]
+    def additions_but(*left_out):
+        return out["all"] + [f for n, flags in ADDITIONS.items() if n not in left_out for f in flags]
+    out["arch_all"] = additions_but()
+    out["arch_all_but_resid_mix"] = additions_but("resid_mix")  # leave-one-out: speedrun.sh's set
     out.update({f"arch_{name}": out["all"] + flags for name, flags in VARIANTS.items()})
     return out
 
