@@ -14,7 +14,7 @@
 #   WANDB_RUN           log to wandb under this run name (unset: no wandb)
 #   NANOCHAT_RL         1: run the RL stage (default on the tiny profile), 0: skip it (default on full)
 #   NANOCHAT_EXPORTABLE 1: train without the architecture additions export_hf cannot carry (value embeddings,
-#                       smear, backout, qk scale, rope base, SSSL windows), so the model runs in transformers,
+#                       smear, backout, qk scale, SSSL windows), so the model runs in transformers,
 #                       vLLM and MLX-LM (bench/README.md: it gives up ~0.03 val bpb at d4-d6 at equal FLOPs)
 #   NPROC               processes per node for torchrun (default: the number of GPUs)
 #   NANOCHAT_DEVICE_BATCH  rows per GPU per micro-batch for pretraining (default 32 full, 8 tiny); lower
@@ -56,10 +56,11 @@ TORCHRUN="$VENV/bin/torchrun"
 # profile
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 PROFILE="${NANOCHAT_PROFILE:-auto}"
-# base_train's architecture additions (gpt.py), every profile: all of issue 22's but resid_mix, which measured
-# worse (bench/README.md: -0.030 val bpb at d4, -0.037 at d6 vs the 2026 recipe alone, equal FLOPs, 3 seeds;
-# resid_mix added back: +0.004). export_hf refuses such a model: NANOCHAT_EXPORTABLE=1 trains without them
-ARCH_FLAGS=(--value-embeds --smear --backout --qk-scale 1.2 --rope-base 100000 --window-pattern SSSL)
+# base_train's architecture additions (gpt.py), every profile: issue 22's but resid_mix and the rope base, which
+# measured worse (bench/README.md, equal FLOPs vs the 2026 recipe alone: this set -0.031 val bpb at d4, 2 seeds;
+# with a rope base of 100,000 too -0.030 at d4, -0.037 at d6, 3 seeds; resid_mix added back: +0.004). export_hf
+# refuses such a model: NANOCHAT_EXPORTABLE=1 trains without them
+ARCH_FLAGS=(--value-embeds --smear --backout --qk-scale 1.2 --window-pattern SSSL)
 if [ "$PROFILE" = auto ]; then
     if [ "$GPUS" -gt 0 ]; then PROFILE=full; else PROFILE=tiny; fi
 fi

@@ -54,7 +54,7 @@ def test_every_artifact_exists_and_loads(pipeline, monkeypatch):
         # the profile's architecture additions (speedrun.sh ARCH_FLAGS), carried through every stage
         assert (model.config.value_embeds, model.config.smear, model.config.backout, model.config.resid_mix) == \
             (True, True, True, False)
-        assert (model.config.qk_scale, model.config.rope_base, model.config.window_pattern) == (1.2, 100000, "SSSL")
+        assert (model.config.qk_scale, model.config.rope_base, model.config.window_pattern) == (1.2, 10000, "SSSL")
         assert meta["step"] > 0
     for folder in ("base_checkpoints", "mid_checkpoints", "chatsft_checkpoints", "chatrl_checkpoints"):
         assert os.path.getsize(os.path.join(base, folder, "d2", "metrics.jsonl")) > 0
