@@ -70,8 +70,8 @@ def recipes():
     def additions_but(*left_out):
         return out["all"] + [f for n, flags in ADDITIONS.items() if n not in left_out for f in flags]
     out["arch_all"] = additions_but()
-    out["arch_all_but_resid_mix"] = additions_but("resid_mix")  # leave-one-out: speedrun.sh's set
-    for name in ("backout", "rope_base"):  # speedrun.sh's set without one of the two that show nothing alone at d4
+    out["arch_all_but_resid_mix"] = additions_but("resid_mix")  # leave-one-out
+    for name in ("backout", "rope_base"):  # ... and one more: arch_default_but_rope_base is speedrun.sh's set
         out[f"arch_default_but_{name}"] = additions_but("resid_mix", name)
     out.update({f"arch_{name}": out["all"] + flags for name, flags in VARIANTS.items()})
     return out
