@@ -57,7 +57,7 @@ TORCHRUN="$VENV/bin/torchrun"
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 PROFILE="${NANOCHAT_PROFILE:-auto}"
 # base_train's architecture additions (gpt.py), every profile: issue 22's but resid_mix and the rope base, which
-# measured worse (bench/README.md, equal FLOPs vs the 2026 recipe alone: this set -0.031 val bpb at d4, 2 seeds;
+# measured worse (bench/README.md, equal FLOPs vs the 2026 recipe alone: this set -0.032 val bpb at d4, 3 seeds;
 # with a rope base of 100,000 too -0.030 at d4, -0.037 at d6, 3 seeds; resid_mix added back: +0.004). export_hf
 # refuses such a model: NANOCHAT_EXPORTABLE=1 trains without them
 ARCH_FLAGS=(--value-embeds --smear --backout --qk-scale 1.2 --window-pattern SSSL)
