@@ -15,7 +15,7 @@
 #   NANOCHAT_RL         1: run the RL stage (default on the tiny profile), 0: skip it (default on full)
 #   NANOCHAT_EXPORTABLE 1: train without the architecture additions export_hf cannot carry (value embeddings,
 #                       smear, backout, qk scale, SSSL windows), so the model runs in transformers,
-#                       vLLM and MLX-LM (bench/README.md: it gives up ~0.03 val bpb at d4-d6 at equal FLOPs)
+#                       vLLM and MLX-LM (bench/README.md: it gives up 0.03-0.04 val bpb at d4-d6 at equal FLOPs)
 #   NPROC               processes per node for torchrun (default: the number of GPUs)
 #   NANOCHAT_DEVICE_BATCH  rows per GPU per micro-batch for pretraining (default 32 full, 8 tiny); lower
 #                       it when a GPU runs out of memory: gradient accumulation keeps the total batch
@@ -57,8 +57,8 @@ TORCHRUN="$VENV/bin/torchrun"
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 PROFILE="${NANOCHAT_PROFILE:-auto}"
 # base_train's architecture additions (gpt.py), every profile: issue 22's but resid_mix and the rope base, which
-# measured worse (bench/README.md, equal FLOPs vs the 2026 recipe alone: this set -0.032 val bpb at d4, 3 seeds;
-# with a rope base of 100,000 too -0.030 at d4, -0.037 at d6, 3 seeds; resid_mix added back: +0.004). export_hf
+# measured worse (bench/README.md, equal FLOPs vs the 2026 recipe alone: this set -0.032 val bpb at d4, -0.037 at
+# d6, 3 seeds each; with a rope base of 100,000 too -0.030 at d4; resid_mix added back: +0.004). export_hf
 # refuses such a model: NANOCHAT_EXPORTABLE=1 trains without them
 ARCH_FLAGS=(--value-embeds --smear --backout --qk-scale 1.2 --window-pattern SSSL)
 if [ "$PROFILE" = auto ]; then
