@@ -279,7 +279,7 @@ def test_compiled_equals_eager():
     # inductor compiles the fp8 linear on the CPU too: one graph (fullgraph, under bf16 autocast as on a
     # GPU), forward and backward equal to eager up to bf16 rounding of the output. The bf16 outputs may
     # round differently (the CPU's eager _scaled_mm and inductor's kernel sum in different orders; on some
-    # Xeons a fifth of the elements land one bf16 step apart), so each is held to the dequantised
+    # Xeons about a tenth of the elements land one bf16 step apart), so each is held to the dequantised
     # reference within two bf16 steps of the largest output (2 * 2^-7 * max|y|); a plain bf16 linear (the
     # fp8 path skipped) is over twice that away from it
     linear = random_linear(64, 32, seed=6)
